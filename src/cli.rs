@@ -1,0 +1,339 @@
+//! The command line: run, validate, schema, query, synth, demo.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config;
+use crate::engine::{self, RunOptions, RunSummary, Worker};
+use crate::error::{Error, Result};
+use crate::synth::{self, ServeOptions, WorldSpec};
+
+/// recap: URL + alt-text lists in, reconciled Parquet shards out.
+#[derive(Debug, Parser)]
+#[command(name = "recap", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline: download, check, resize and write every input row to shards.
+    Run(RunArgs),
+    /// Check a pipeline file and its input; report every problem at once.
+    Validate(ValidateArgs),
+    /// Print the pipeline's JSON Schema or the shard's Arrow schema.
+    Schema {
+        #[arg(value_enum)]
+        which: SchemaKind,
+    },
+    /// Run SQL over a directory of shards (the table is called `shards`).
+    Query(QueryArgs),
+    /// Generate a shapeworld (images, masks, depth, captions, URL list), or serve one.
+    Synth(SynthArgs),
+    /// Generate a small shapeworld, serve it on loopback, run pipelines/demo.yaml on it.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SchemaKind {
+    Pipeline,
+    Shard,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline YAML.
+    pub pipeline: PathBuf,
+    /// Run only shards s with s % N == I (default: from SLURM_ARRAY_TASK_ID/COUNT or
+    /// JOB_COMPLETION_INDEX with RECAP_WORKER_COUNT, else 0/1).
+    #[arg(long, value_name = "I/N")]
+    pub worker: Option<String>,
+    /// Override a pipeline value, e.g. --set download.concurrency=8 (repeatable).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+    /// Also re-attempt retryable failures (timeouts, resets, 5xx, 429) in completed shards.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    pub pipeline: PathBuf,
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The SQL statement; the shards are the table `shards`.
+    pub sql: String,
+    /// Directory of shards.
+    #[arg(long, default_value = "recap-demo/shards")]
+    pub shards: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SynthArgs {
+    #[command(subcommand)]
+    pub serve: Option<SynthCommand>,
+    #[command(flatten)]
+    pub generate: SynthGenerate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SynthCommand {
+    /// Serve a shapeworld over HTTP on 127.0.0.1 and (re)write its urls.parquet for that address.
+    Serve(SynthServe),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthGenerate {
+    /// Directory to write the world into.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Number of samples.
+    #[arg(long, default_value_t = 100)]
+    pub count: u64,
+    /// Random seed: the same seed gives the same world.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Smallest image size, WxH.
+    #[arg(long, default_value = "200x150", value_parser = parse_size)]
+    pub min_size: (u32, u32),
+    /// Largest image size, WxH.
+    #[arg(long, default_value = "1600x1200", value_parser = parse_size)]
+    pub max_size: (u32, u32),
+    /// Fraction of images written as PNG.
+    #[arg(long, default_value_t = 0.1)]
+    pub png_fraction: f64,
+    /// Number of deliberately corrupt image files.
+    #[arg(long, default_value_t = 0)]
+    pub corrupt: u64,
+    /// Alt-text noise mix, e.g. clean=0.3,partial=0.2,wrong_attribute=0.2,unrelated=0.1,spam=0.1,filename=0.1
+    #[arg(long)]
+    pub noise: Option<String>,
+    /// Base URL written into urls.parquet.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Faults assigned to rows of the URL list, e.g. 404=10,500=5 (see `recap synth serve --help`).
+    #[arg(long, default_value = "")]
+    pub faults: String,
+}
+
+/// Serve a world. Fault URLs: /f/<fault>/img/<file>, with fault one of 404, 500, flaky, 429,
+/// slow, reset, truncated, wrong_type, not_image, redirect, redirect_loop, oversized,
+/// oversized_chunked, bomb, opt_out.
+#[derive(Debug, Args)]
+pub struct SynthServe {
+    /// The world directory (from `recap synth --out`).
+    pub dir: PathBuf,
+    /// Port on 127.0.0.1; 0 picks a free one.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Faults assigned to rows of the rewritten URL list, e.g. 404=10,500=5.
+    #[arg(long, default_value = "")]
+    pub faults: String,
+    /// Seed choosing which rows get faults.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// How long `slow` responses wait.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub slow_delay: std::time::Duration,
+    /// Body size of `oversized` responses, in bytes.
+    #[arg(long, default_value_t = 25_000_000)]
+    pub oversized_bytes: usize,
+    /// Side of the `bomb` PNG in pixels.
+    #[arg(long, default_value_t = 20_000)]
+    pub bomb_side: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working directory of the demo (world and shards go inside).
+    #[arg(long, default_value = "recap-demo")]
+    pub dir: PathBuf,
+    /// Number of samples in the demo world.
+    #[arg(long, default_value_t = 200)]
+    pub count: u64,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn parse_size(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WxH, e.g. 200x150"))?;
+    Ok((w.trim().parse().map_err(|_| format!("bad width in {s:?}"))?, h.trim().parse().map_err(|_| format!("bad height in {s:?}"))?))
+}
+
+fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    config::units::HumanDuration::parse(s).map(|d| d.0)
+}
+
+/// Write to stdout; a closed pipe is reported as an io error the caller treats as success.
+macro_rules! out {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($t)*).map_err(|e| Error::io("cannot write", "stdout", e))
+    };
+}
+
+pub async fn execute(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => {
+            let plan = config::load(&a.pipeline, &a.set)?;
+            let worker = Worker::resolve(a.worker.as_deref(), &|k| std::env::var(k).ok())?;
+            let opts = RunOptions { worker, retry_failed: a.retry_failed, progress: !a.no_progress };
+            let summary = engine::run(&plan, &opts).await?;
+            print_summary(&summary)
+        }
+        Command::Validate(a) => {
+            let plan = config::load(&a.pipeline, &a.set)?;
+            out!(
+                "{}: ok ({} input file{}, columns: {}; config hash {})",
+                a.pipeline.display(),
+                plan.input.files.len(),
+                if plan.input.files.len() == 1 { "" } else { "s" },
+                plan.input.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+                plan.config_hash
+            )
+        }
+        Command::Schema { which: SchemaKind::Pipeline } => {
+            write!(std::io::stdout().lock(), "{}", config::json_schema_text()).map_err(|e| Error::io("cannot write", "stdout", e))
+        }
+        Command::Schema { which: SchemaKind::Shard } => {
+            let schema = crate::sink::schema::with_passthrough(&[]);
+            out!("# recap shard schema, version {} (input.passthrough columns go after `caption`)", crate::sink::schema::shard_schema().version)?;
+            for f in schema.fields() {
+                let doc = f.metadata().get("description").cloned().unwrap_or_default();
+                out!("{:<16} {:<40} {}  {}", f.name(), format!("{}", f.data_type()), if f.is_nullable() { "null" } else { "not null" }, doc)?;
+            }
+            Ok(())
+        }
+        Command::Query(a) => {
+            let batches = crate::query::run_sql(&a.shards, &a.sql).await?;
+            out!("{}", crate::query::format_table(&batches)?)
+        }
+        Command::Synth(a) => match a.serve {
+            Some(SynthCommand::Serve(s)) => serve_world(s).await,
+            None => {
+                let g = a.generate;
+                let out = g.out.ok_or_else(|| Error::Usage("recap synth: --out DIR is required".into()))?;
+                let mut spec = WorldSpec {
+                    count: g.count,
+                    seed: g.seed,
+                    min_size: g.min_size,
+                    max_size: g.max_size,
+                    png_fraction: g.png_fraction,
+                    corrupt: g.corrupt,
+                    ..Default::default()
+                };
+                if let Some(n) = &g.noise {
+                    spec.noise_weights = WorldSpec::parse_noise(n).map_err(|e| Error::Usage(format!("--noise: {e}")))?;
+                }
+                let faults = synth::parse_faults(&g.faults).map_err(|e| Error::Usage(format!("--faults: {e}")))?;
+                let t = std::time::Instant::now();
+                let out2 = out.clone();
+                let samples = tokio::task::spawn_blocking(move || synth::generate(&out2, &spec))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                let list = synth::write_url_list(&out, &g.base_url, &faults, g.seed)?;
+                out!("wrote {} samples to {} in {:.1}s; URL list {}", samples.len(), out.display(), t.elapsed().as_secs_f64(), list.display())
+            }
+        },
+        Command::Demo(a) => demo(a).await,
+    }
+}
+
+async fn serve_world(s: SynthServe) -> Result<()> {
+    let faults = synth::parse_faults(&s.faults).map_err(|e| Error::Usage(format!("--faults: {e}")))?;
+    let opts = ServeOptions { slow_delay: s.slow_delay, oversized_bytes: s.oversized_bytes, bomb_side: s.bomb_side };
+    let server = synth::serve(s.dir.clone(), s.port, opts)
+        .await
+        .map_err(|e| Error::io("cannot listen on 127.0.0.1 port", s.port.to_string(), e))?;
+    let list = synth::write_url_list(&s.dir, &server.base_url(), &faults, s.seed)?;
+    out!("serving {} on {} (URL list: {}); Ctrl-C to stop", s.dir.display(), server.base_url(), list.display())?;
+    tokio::signal::ctrl_c().await.map_err(|e| Error::io("cannot wait for", "Ctrl-C", e))?;
+    server.shutdown();
+    Ok(())
+}
+
+/// The demo's faults: a few of every kind, so every status shows up.
+pub const DEMO_FAULTS: &str =
+    "404=4,500=2,flaky=4,429=2,slow=2,reset=2,truncated=2,wrong_type=2,not_image=2,redirect=3,redirect_loop=2,oversized=2,oversized_chunked=1,bomb=2,opt_out=2";
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    let world = a.dir.join("world");
+    let shards = a.dir.join("shards");
+    let spec = WorldSpec {
+        count: a.count,
+        seed: 42,
+        min_size: (160, 120),
+        max_size: (640, 480),
+        png_fraction: 0.1,
+        corrupt: (a.count / 50).max(1),
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let w2 = world.clone();
+    tokio::task::spawn_blocking(move || synth::generate(&w2, &spec)).await.map_err(|e| Error::Internal(e.to_string()))??;
+    out!("1. generated a shapeworld of {} samples in {} ({:.1}s)", a.count, world.display(), t.elapsed().as_secs_f64())?;
+    let opts = ServeOptions { slow_delay: std::time::Duration::from_secs(4), oversized_bytes: 3_000_000, bomb_side: 20_000 };
+    let server = synth::serve(world.clone(), 0, opts).await.map_err(|e| Error::io("cannot listen on", "127.0.0.1", e))?;
+    let faults = synth::parse_faults(DEMO_FAULTS).map_err(Error::Usage)?;
+    let list = synth::write_url_list(&world, &server.base_url(), &faults, 42)?;
+    out!("2. serving it on {} with injected faults ({DEMO_FAULTS})", server.base_url())?;
+    if shards.exists() {
+        std::fs::remove_dir_all(&shards).map_err(|e| Error::io("cannot clear", &shards, e))?;
+    }
+    let overrides = vec![format!("input.path={}", list.display()), format!("output.path={}", shards.display())];
+    let config = config::parse_str(DEMO_PIPELINE, "pipelines/demo.yaml", &overrides)?;
+    let plan = config::plan(config, "pipelines/demo.yaml")?;
+    out!("3. running pipelines/demo.yaml")?;
+    let summary = engine::run(&plan, &RunOptions { progress: !a.no_progress, ..Default::default() }).await?;
+    server.shutdown();
+    print_summary(&summary)?;
+    let sql = "SELECT status, count(*) AS rows, min(reason) AS example_reason FROM shards GROUP BY status ORDER BY rows DESC";
+    let batches = crate::query::run_sql(&shards, sql).await?;
+    out!("\n4. recap query --shards {} \"{sql}\"", shards.display())?;
+    out!("{}", crate::query::format_table(&batches)?)
+}
+
+/// The demo pipeline, built in so `recap demo` works from any directory.
+pub const DEMO_PIPELINE: &str = include_str!("../pipelines/demo.yaml");
+
+pub fn print_summary(s: &RunSummary) -> Result<()> {
+    let worker = s.worker.map(|w| format!(" (worker {w})")).unwrap_or_default();
+    out!(
+        "\nrun summary{worker}: {} rows in {:.1}s ({:.0} rows/s)",
+        s.rows,
+        s.seconds,
+        s.rows as f64 / s.seconds.max(1e-9)
+    )?;
+    out!(
+        "  shards: {} in input, {} written, {} already complete (skipped), {} retried",
+        s.shards_total,
+        s.shards_written.len(),
+        s.shards_skipped.len(),
+        s.shards_retried.len()
+    )?;
+    if !s.shards_retried.is_empty() {
+        out!("  retried rows: {} re-attempted, {} now ok", s.rows_retried, s.rows_recovered)?;
+    }
+    let mut by_count: Vec<(&String, &u64)> = s.status.iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (k, v) in by_count {
+        out!("  {:<20} {:>8}  {:5.1}%", k, v, 100.0 * *v as f64 / s.rows.max(1) as f64)?;
+    }
+    out!(
+        "  downloaded {:.1} MB, wrote {:.1} MB of shards to {}",
+        s.bytes_downloaded as f64 / 1e6,
+        s.bytes_written as f64 / 1e6,
+        Path::new(&s.output_dir).display()
+    )
+}

@@ -1,0 +1,347 @@
+//! Pipeline files: YAML → JSON value (with `--set` overrides) → checked against the JSON Schema
+//! generated from [`model`] (every problem at once, each with its YAML path) → typed config →
+//! semantic checks that need the outside world (the input files and their columns) → [`Plan`].
+
+pub mod model;
+pub mod units;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use model::*;
+
+use crate::error::{Error, Problem, Problems, Result};
+use crate::source::InputPlan;
+
+/// A validated pipeline, ready to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config: PipelineConfig,
+    /// Label of the file it came from, for messages.
+    pub file: String,
+    /// The resolved config as canonical JSON (stored in shard metadata).
+    pub config_json: String,
+    /// SHA-256 of `config_json`, first 16 hex digits.
+    pub config_hash: String,
+    /// The input files and the columns found in them.
+    pub input: InputPlan,
+    pub output_dir: PathBuf,
+}
+
+/// The pipeline's JSON Schema, generated from the config structs.
+pub fn json_schema() -> Value {
+    let schema = schemars::schema_for!(PipelineConfig);
+    serde_json::to_value(schema).expect("schema serialises")
+}
+
+/// Pretty JSON text of [`json_schema`], exactly as committed in `schemas/pipeline.schema.json`.
+pub fn json_schema_text() -> String {
+    let mut s = serde_json::to_string_pretty(&json_schema()).expect("schema serialises");
+    s.push('\n');
+    s
+}
+
+/// Read, override, check and plan a pipeline file.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Plan> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read pipeline file", path, e))?;
+    let label = path.display().to_string();
+    let config = parse_str(&text, &label, overrides)?;
+    plan(config, &label)
+}
+
+/// YAML text → typed config, reporting every schema problem at once.
+pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<PipelineConfig> {
+    let config_err = |problems: Vec<Problem>| Error::Config { file: label.to_string(), problems: Problems(problems) };
+    let mut value: Value = serde_saphyr::from_str(text).map_err(|e| {
+        config_err(vec![Problem { path: String::new(), message: format!("not valid YAML: {e}") }])
+    })?;
+    if value.is_null() {
+        return Err(config_err(vec![Problem {
+            path: String::new(),
+            message: "the file is empty; expected a mapping with input and output (see `recap schema pipeline`)".into(),
+        }]));
+    }
+    let mut problems = Vec::new();
+    for o in overrides {
+        if let Err(p) = apply_override(&mut value, o) {
+            problems.push(p);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(config_err(problems));
+    }
+    let problems = schema_problems(&value);
+    if !problems.is_empty() {
+        return Err(config_err(problems));
+    }
+    serde_json::from_value(value).map_err(|e| config_err(vec![Problem { path: String::new(), message: e.to_string() }]))
+}
+
+/// Semantic checks on a typed config: the input exists and has the columns named.
+pub fn plan(config: PipelineConfig, label: &str) -> Result<Plan> {
+    let mut problems = Vec::new();
+    let input = match InputPlan::open(&config.input) {
+        Ok(input) => Some(input),
+        Err(mut ps) => {
+            problems.append(&mut ps);
+            None
+        }
+    };
+    if config.download.per_host > config.download.concurrency {
+        problems.push(Problem {
+            path: "download.per_host".into(),
+            message: format!(
+                "{} is more than download.concurrency ({}); expected at most the global limit",
+                config.download.per_host, config.download.concurrency
+            ),
+        });
+    }
+    if config.image.format == ImageFormat::Webp && config.image.quality != ImageConfig::default().quality {
+        problems.push(Problem {
+            path: "image.quality".into(),
+            message: "WebP images are written lossless, so quality has no effect; remove it or choose format: jpeg".into(),
+        });
+    }
+    if let Some(level) = config.output.compression_level {
+        let ok = match config.output.compression {
+            Compression::Zstd => (1..=22).contains(&level),
+            Compression::Gzip => level <= 9,
+            _ => false,
+        };
+        if !ok {
+            problems.push(Problem {
+                path: "output.compression_level".into(),
+                message: format!(
+                    "{level} is not a level of {:?} compression; expected 1–22 for zstd, 0–9 for gzip, none for others",
+                    config.output.compression
+                ),
+            });
+        }
+    }
+    if config.output.path.trim().is_empty() {
+        problems.push(Problem { path: "output.path".into(), message: "empty; expected a directory".into() });
+    }
+    if !problems.is_empty() {
+        return Err(Error::Config { file: label.to_string(), problems: Problems(problems) });
+    }
+    let config_json = serde_json::to_string(&config).expect("config serialises");
+    let config_hash = hex::encode(&Sha256::digest(config_json.as_bytes())[..8]);
+    Ok(Plan {
+        output_dir: PathBuf::from(&config.output.path),
+        config,
+        file: label.to_string(),
+        config_json,
+        config_hash,
+        input: input.expect("no problems means the input opened"),
+    })
+}
+
+/// Every place where `value` breaks the schema.
+fn schema_problems(value: &Value) -> Vec<Problem> {
+    let schema = json_schema();
+    let validator = jsonschema::validator_for(&schema).expect("the generated schema is valid");
+    let mut problems: Vec<Problem> = validator
+        .iter_errors(value)
+        .map(|e| {
+            let path = pointer_to_path(e.instance_path().as_str());
+            let eval = e.evaluation_path().to_string();
+            match e.kind() {
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    let known = known_keys(&schema, &eval);
+                    let keys: Vec<String> = unexpected.iter().map(|k| join_path(&path, k)).collect();
+                    Problem {
+                        path: keys.join(", "),
+                        message: format!(
+                            "unknown key{}; expected one of: {}",
+                            if unexpected.len() == 1 { "" } else { "s" },
+                            known.join(", ")
+                        ),
+                    }
+                }
+                jsonschema::error::ValidationErrorKind::Required { property } => Problem {
+                    path: join_path(&path, property.as_str().unwrap_or("?")),
+                    message: "missing; this key is required".into(),
+                },
+                jsonschema::error::ValidationErrorKind::AnyOf { .. } => {
+                    let found = e.instance().to_string();
+                    let expected = if eval.contains("Duration") {
+                        "a duration such as 10s, 500ms or 2m".to_string()
+                    } else if eval.contains("ByteSize") {
+                        "a size such as 20MB, 512KiB or a number of bytes".to_string()
+                    } else if let Some(name) = eval.split("/$defs/").nth(1) {
+                        let name = name.split('/').next().unwrap_or(name);
+                        match enum_values(&schema, name) {
+                            Some(values) => format!("one of {values}"),
+                            None => format!("a {name}"),
+                        }
+                    } else {
+                        "another value".into()
+                    };
+                    Problem { path, message: format!("{found} is not valid; expected {expected}") }
+                }
+                _ => Problem { path, message: e.to_string() },
+            }
+        })
+        .collect();
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    problems.dedup();
+    problems
+}
+
+fn enum_values(schema: &Value, def: &str) -> Option<String> {
+    let d = schema.get("$defs")?.get(def)?;
+    let mut values = Vec::new();
+    if let Some(e) = d.get("enum").and_then(Value::as_array) {
+        values.extend(e.iter().map(|v| v.to_string()));
+    }
+    if let Some(one_of) = d.get("oneOf").and_then(Value::as_array) {
+        for v in one_of {
+            if let Some(c) = v.get("const") {
+                values.push(c.to_string());
+            }
+            if let Some(e) = v.get("enum").and_then(Value::as_array) {
+                values.extend(e.iter().map(|v| v.to_string()));
+            }
+        }
+    }
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// The property names of the schema object at the evaluation path of an additionalProperties error.
+fn known_keys(schema: &Value, eval: &str) -> Vec<String> {
+    // The evaluation path ends in /additionalProperties; the object schema is its parent, reached
+    // through `$ref`s that we follow in the schema's $defs.
+    let mut node = schema;
+    let segs: Vec<&str> = eval.trim_start_matches('/').split('/').collect();
+    let mut i = 0;
+    while i + 1 < segs.len() {
+        let seg = segs[i];
+        if seg == "$ref" {
+            if let Some(r) = node.get("$ref").and_then(Value::as_str) {
+                let name = r.rsplit('/').next().unwrap_or(r);
+                if let Some(n) = schema.get("$defs").and_then(|d| d.get(name)) {
+                    node = n;
+                }
+            }
+        } else if let Some(n) = node.get(seg).or_else(|| seg.parse::<usize>().ok().and_then(|k| node.get(k))) {
+            node = n;
+        }
+        i += 1;
+    }
+    node.get("properties")
+        .and_then(Value::as_object)
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn join_path(base: &str, key: &str) -> String {
+    if base.is_empty() {
+        key.to_string()
+    } else {
+        format!("{base}.{key}")
+    }
+}
+
+/// `/input/passthrough/1` → `input.passthrough[1]`.
+fn pointer_to_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        if seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg);
+        }
+    }
+    out
+}
+
+/// Apply `key.path=value` to the YAML tree; the value is read as YAML (`8`, `true`, `10s`, `[a, b]`).
+pub fn apply_override(root: &mut Value, spec: &str) -> std::result::Result<(), Problem> {
+    let Some((path, raw)) = spec.split_once('=') else {
+        return Err(Problem {
+            path: spec.to_string(),
+            message: "--set expects key.path=value, e.g. --set download.concurrency=8".into(),
+        });
+    };
+    let path = path.trim();
+    let value: Value = if raw.trim().is_empty() {
+        Value::String(String::new())
+    } else {
+        serde_saphyr::from_str(raw).map_err(|e| Problem {
+            path: path.to_string(),
+            message: format!("--set value {raw:?} is not valid YAML: {e}"),
+        })?
+    };
+    let mut node = root;
+    let segs: Vec<&str> = path.split('.').collect();
+    if segs.iter().any(|s| s.is_empty()) {
+        return Err(Problem { path: path.to_string(), message: "--set key path has an empty segment".into() });
+    }
+    for (i, seg) in segs.iter().enumerate() {
+        let last = i + 1 == segs.len();
+        if node.is_null() {
+            *node = Value::Object(Default::default());
+        }
+        node = match node {
+            Value::Object(map) => {
+                if last {
+                    map.insert(seg.to_string(), value);
+                    return Ok(());
+                }
+                map.entry(seg.to_string()).or_insert(Value::Null)
+            }
+            Value::Array(items) => {
+                let idx: usize = seg.parse().map_err(|_| Problem {
+                    path: path.to_string(),
+                    message: format!("{seg:?} is not a list index"),
+                })?;
+                let len = items.len();
+                let slot = items.get_mut(idx).ok_or_else(|| Problem {
+                    path: path.to_string(),
+                    message: format!("index {idx} is past the end of a list of {len}"),
+                })?;
+                if last {
+                    *slot = value;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => {
+                return Err(Problem {
+                    path: path.to_string(),
+                    message: format!("{:?} is not a mapping, cannot set a key inside it", segs[..i].join(".")),
+                })
+            }
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_paths() {
+        assert_eq!(pointer_to_path("/input/passthrough/1"), "input.passthrough[1]");
+        assert_eq!(pointer_to_path(""), "");
+    }
+
+    #[test]
+    fn overrides_set_nested_values() {
+        let mut v: Value = serde_saphyr::from_str("download:\n  concurrency: 4\n").unwrap();
+        apply_override(&mut v, "download.concurrency=8").unwrap();
+        apply_override(&mut v, "image.size=128").unwrap();
+        apply_override(&mut v, "download.timeout=2s").unwrap();
+        assert_eq!(v["download"]["concurrency"], 8);
+        assert_eq!(v["image"]["size"], 128);
+        assert_eq!(v["download"]["timeout"], "2s");
+        assert!(apply_override(&mut v, "nonsense").is_err());
+    }
+}

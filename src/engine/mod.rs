@@ -1,0 +1,400 @@
+//! The engine: input shards in, output shards out, streaming. A reader thread cuts the input
+//! into shards and hands them over a bounded channel; up to `engine.shards_in_flight` shards are
+//! processed at once; inside a shard, rows wait on one global limit of requests in flight, are
+//! downloaded on tokio and decoded/resized/encoded on a CPU pool. Memory is bounded by the
+//! channel, the shards in flight and the requests in flight, whatever the input size.
+
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, RecordBatch, StringArray};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::config::{ImageConfig, Plan};
+use crate::error::{Error, Result};
+use crate::fetch::Fetcher;
+use crate::imaging;
+use crate::outcome::{Outcome, StageSeconds, Status};
+use crate::sink::{self, schema, ShardStats, ShardWriter};
+use crate::source::InputShard;
+
+pub use worker::Worker;
+
+/// How to run a plan.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub worker: Worker,
+    /// Also re-attempt retryable failures in shards already complete.
+    pub retry_failed: bool,
+    /// Draw progress bars (only ever drawn on a terminal).
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub worker: Option<Worker>,
+    pub shards_total: u64,
+    /// Shards this worker processed from the input.
+    pub shards_written: Vec<u64>,
+    /// Shards this worker found complete and left alone.
+    pub shards_skipped: Vec<u64>,
+    /// Complete shards rewritten by `--retry-failed`.
+    pub shards_retried: Vec<u64>,
+    /// Rows in the shards written or retried, per status.
+    pub status: BTreeMap<String, u64>,
+    pub rows: u64,
+    pub rows_retried: u64,
+    pub rows_recovered: u64,
+    pub bytes_downloaded: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub output_dir: String,
+}
+
+enum Job {
+    Fresh(InputShard),
+    Retry(u64),
+}
+
+struct Ctx {
+    fetcher: Fetcher,
+    global: Semaphore,
+    pool: rayon::ThreadPool,
+    image: Arc<ImageConfig>,
+    progress: ProgressBar,
+}
+
+struct ShardDone {
+    shard: u64,
+    retried: bool,
+    stats: ShardStats,
+    rows_retried: u64,
+    rows_recovered: u64,
+}
+
+/// Run a validated plan to completion (or to the first infrastructure error).
+pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
+    let start = Instant::now();
+    let cfg = &plan.config;
+    let writer = Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version)?);
+    let fetcher = Fetcher::new(&cfg.download).map_err(Error::Internal)?;
+    let threads = match cfg.engine.cpu_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n as usize,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("recap-cpu-{i}"))
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the CPU pool: {e}")))?;
+
+    let input = plan.input.clone();
+    let total_rows = tokio::task::spawn_blocking(move || input.count_rows())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    let rps = plan.input.rows_per_shard;
+    let shards_total = total_rows.div_ceil(rps);
+
+    let progress = if opts.progress && std::io::stderr().is_terminal() {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} rows {per_sec} ETA {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+
+    // Decide which shards to run before counting the work for the progress bar.
+    let worker = opts.worker;
+    let mut mine_todo = 0u64;
+    let mut mine_rows = 0u64;
+    for s in 0..shards_total {
+        if worker.owns(s) && (!writer.paths(s).is_complete() || opts.retry_failed) {
+            mine_todo += 1;
+            mine_rows += rps.min(total_rows - s * rps);
+        }
+    }
+    progress.set_length(mine_rows);
+    let _ = mine_todo;
+
+    let ctx = Arc::new(Ctx {
+        fetcher,
+        global: Semaphore::new(cfg.download.concurrency as usize),
+        pool,
+        image: Arc::new(cfg.image.clone()),
+        progress: progress.clone(),
+    });
+
+    // The reader thread: cuts the input into shards and sends this worker's share.
+    let (tx, mut rx) = mpsc::channel::<Result<Job>>(1);
+    let reader_plan = plan.input.clone();
+    let reader_writer = writer.clone();
+    let retry_failed = opts.retry_failed;
+    let config_hash = plan.config_hash.clone();
+    let mut summary = RunSummary { worker: Some(worker), shards_total, output_dir: cfg.output.path.clone(), ..Default::default() };
+    let (skip_tx, skip_rx) = std::sync::mpsc::channel::<u64>();
+    let reader = std::thread::Builder::new()
+        .name("recap-reader".into())
+        .spawn(move || {
+            for shard in reader_plan.shards() {
+                let job = match shard {
+                    Err(e) => Err(e),
+                    Ok(s) if !worker.owns(s.index) => continue,
+                    Ok(s) => {
+                        let paths = reader_writer.paths(s.index);
+                        if paths.is_complete() {
+                            if let Some(m) = sink::read_marker(&paths) {
+                                if m.config_hash != config_hash {
+                                    tracing::warn!(shard = s.index, old = %m.config_hash, new = %config_hash,
+                                        "shard was completed with a different pipeline config; kept (delete it to redo)");
+                                }
+                            }
+                            if retry_failed {
+                                Ok(Job::Retry(s.index))
+                            } else {
+                                let _ = skip_tx.send(s.index);
+                                continue;
+                            }
+                        } else {
+                            Ok(Job::Fresh(s))
+                        }
+                    }
+                };
+                let stop = job.is_err();
+                if tx.blocking_send(job).is_err() || stop {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| Error::Internal(format!("cannot start the reader thread: {e}")))?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let in_flight = cfg.engine.shards_in_flight.max(1) as usize;
+    let mut first_error: Option<Error> = None;
+    let mut input_done = false;
+    loop {
+        // Keep up to `in_flight` shards going; collect finished ones as they come.
+        while !input_done && tasks.len() < in_flight && first_error.is_none() {
+            match rx.recv().await {
+                None => input_done = true,
+                Some(Err(e)) => first_error = Some(e),
+                Some(Ok(job)) => {
+                    let ctx = ctx.clone();
+                    let writer = writer.clone();
+                    let plan = plan.clone();
+                    tasks.spawn(async move {
+                        match job {
+                            Job::Fresh(s) => run_shard(ctx, writer, &plan, s).await,
+                            Job::Retry(idx) => retry_shard(ctx, writer, &plan, idx).await,
+                        }
+                    });
+                }
+            }
+        }
+        let Some(joined) = tasks.join_next().await else {
+            if input_done || first_error.is_some() {
+                break;
+            }
+            continue;
+        };
+        match joined {
+            Err(e) => first_error.get_or_insert(Error::Internal(format!("shard task failed: {e}"))),
+            Ok(Err(e)) => first_error.get_or_insert(e),
+            Ok(Ok(done)) => {
+                if done.retried {
+                    summary.shards_retried.push(done.shard);
+                    summary.rows_retried += done.rows_retried;
+                    summary.rows_recovered += done.rows_recovered;
+                } else {
+                    summary.shards_written.push(done.shard);
+                }
+                summary.rows += done.stats.rows;
+                for (k, v) in &done.stats.status {
+                    *summary.status.entry(k.clone()).or_default() += v;
+                }
+                summary.bytes_downloaded += done.stats.bytes_downloaded;
+                summary.bytes_written += done.stats.bytes_written;
+                let ok = summary.status.get("ok").copied().unwrap_or(0);
+                progress.set_message(format!(
+                    "| {} shards done | ok {:.1}%",
+                    summary.shards_written.len() + summary.shards_retried.len(),
+                    100.0 * ok as f64 / summary.rows.max(1) as f64
+                ));
+                continue;
+            }
+        };
+        // An error: stop taking new shards, let running ones finish so their work is kept.
+        rx.close();
+    }
+    drop(rx);
+    let _ = reader.join();
+    progress.finish_and_clear();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    summary.shards_skipped = skip_rx.try_iter().collect();
+    summary.shards_written.sort_unstable();
+    summary.shards_retried.sort_unstable();
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: InputShard) -> Result<ShardDone> {
+    let start = Instant::now();
+    let urls = url_column(&shard.rows)?;
+    let outcomes: Vec<Outcome> = futures::future::join_all(urls.into_iter().map(|u| process_row(ctx.clone(), u))).await;
+    let mut stats = ShardStats::from_outcomes(shard.index, &outcomes, &plan.config_hash);
+    let schema = sink::schema::with_passthrough(&plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>());
+    let rps = plan.input.rows_per_shard;
+    let index = shard.index;
+    let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
+        let t = Instant::now();
+        let batch = sink::build_batch(&schema, index, rps, &shard.rows, &outcomes)?;
+        stats.seconds.write = t.elapsed().as_secs_f64();
+        stats.seconds.wall = start.elapsed().as_secs_f64();
+        writer.write(index, &batch, &mut stats)?;
+        Ok(stats)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    Ok(ShardDone { shard: index, retried: false, stats, rows_retried: 0, rows_recovered: 0 })
+}
+
+async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index: u64) -> Result<ShardDone> {
+    let start = Instant::now();
+    let paths = writer.paths(index);
+    let p = paths.parquet.clone();
+    let (batch, _) = tokio::task::spawn_blocking(move || sink::read_shard(&p)).await.map_err(|e| Error::Internal(e.to_string()))??;
+    let mut outcomes = sink::outcomes_from_batch(&batch)?;
+    let old_stats: ShardStats = std::fs::read(&paths.stats).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let redo: Vec<usize> = (0..outcomes.len()).filter(|&i| outcomes[i].is_retryable()).collect();
+    ctx.progress.inc((outcomes.len() - redo.len()) as u64);
+    if redo.is_empty() {
+        let mut stats = old_stats;
+        stats.rows = outcomes.len() as u64;
+        stats.bytes_downloaded = 0;
+        stats.bytes_written = 0;
+        stats.status = ShardStats::from_outcomes(index, &outcomes, &plan.config_hash).status;
+        return Ok(ShardDone { shard: index, retried: true, stats, rows_retried: 0, rows_recovered: 0 });
+    }
+    let urls = url_column(&batch)?;
+    let fresh: Vec<Outcome> =
+        futures::future::join_all(redo.iter().map(|&i| process_row(ctx.clone(), urls[i].clone()))).await;
+    let recovered = fresh.iter().filter(|o| o.status == Status::Ok).count() as u64;
+    let mut new_bytes = 0;
+    let mut new_secs = StageSeconds::default();
+    for (&i, o) in redo.iter().zip(fresh) {
+        new_bytes += o.bytes_downloaded;
+        new_secs += o.seconds;
+        outcomes[i] = o;
+    }
+    let input_rows = sink::input_rows_from_batch(&batch, &plan.input.schema)?;
+    let schema = batch.schema();
+    let rps = plan.input.rows_per_shard;
+    let attempted = redo.len() as u64;
+    let config_hash = plan.config_hash.clone();
+    let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
+        let t = Instant::now();
+        let new_batch = sink::build_batch(&schema, index, rps, &input_rows, &outcomes)?;
+        let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
+        stats.bytes_downloaded = old_stats.bytes_downloaded + new_bytes;
+        stats.seconds = old_stats.seconds;
+        stats.seconds.stages += new_secs;
+        stats.seconds.write += t.elapsed().as_secs_f64();
+        stats.seconds.wall += start.elapsed().as_secs_f64();
+        stats.retried.attempted = old_stats.retried.attempted + attempted;
+        stats.retried.recovered = old_stats.retried.recovered + recovered;
+        writer.write(index, &new_batch, &mut stats)?;
+        Ok(stats)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    let mut reported = stats;
+    reported.bytes_downloaded = new_bytes;
+    Ok(ShardDone { shard: index, retried: true, stats: reported, rows_retried: attempted, rows_recovered: recovered })
+}
+
+fn url_column(batch: &RecordBatch) -> Result<Vec<Option<String>>> {
+    let urls = batch
+        .column_by_name("url")
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| Error::Internal("rows have no utf8 url column".into()))?;
+    Ok((0..urls.len()).map(|i| urls.is_valid(i).then(|| urls.value(i).to_string())).collect())
+}
+
+/// Download and process one row. Always returns an outcome.
+async fn process_row(ctx: Arc<Ctx>, url: Option<String>) -> Outcome {
+    let _permit = ctx.global.acquire().await.expect("semaphore never closed");
+    let outcome = match ctx.fetcher.fetch(url.as_deref()).await {
+        Err(f) => {
+            let mut o = Outcome::failed(f.status, f.reason);
+            o.http_status = f.http_status;
+            o.attempts = f.attempts;
+            o.bytes_downloaded = f.bytes;
+            o.seconds.download = f.seconds;
+            o
+        }
+        Ok(body) => {
+            let (tx, rx) = oneshot::channel();
+            let cfg = ctx.image.clone();
+            let bytes = body.bytes.clone();
+            ctx.pool.spawn(move || {
+                let sha = hex::encode(Sha256::digest(&bytes));
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| imaging::process(&bytes, &cfg)));
+                let _ = tx.send((sha, r));
+            });
+            let mut o = match rx.await {
+                Ok((sha, Ok(Ok(p)))) => Outcome {
+                    status: Status::Ok,
+                    reason: None,
+                    http_status: Some(body.http_status),
+                    image: Some(p.image),
+                    original_width: Some(p.original_width),
+                    original_height: Some(p.original_height),
+                    sha256: Some(sha),
+                    bytes_downloaded: 0,
+                    attempts: 0,
+                    seconds: p.seconds,
+                },
+                Ok((sha, Ok(Err(refused)))) => {
+                    let mut reason = refused.reason;
+                    if refused.status == Status::DecodeFailed {
+                        if let Some(ct) = body.content_type.as_deref().filter(|ct| !ct.starts_with("image/")) {
+                            reason.push_str(&format!(" (Content-Type: {ct})"));
+                        }
+                    }
+                    let mut o = Outcome::failed(refused.status, reason);
+                    o.http_status = Some(body.http_status);
+                    o.sha256 = Some(sha);
+                    o.original_width = refused.original.map(|d| d.0);
+                    o.original_height = refused.original.map(|d| d.1);
+                    o.seconds = refused.seconds;
+                    o
+                }
+                Ok((sha, Err(_panic))) => {
+                    let mut o = Outcome::failed(Status::DecodeFailed, "the image decoder panicked on this input");
+                    o.http_status = Some(body.http_status);
+                    o.sha256 = Some(sha);
+                    o
+                }
+                Err(_) => Outcome::failed(Status::DecodeFailed, "the CPU pool dropped the task"),
+            };
+            o.bytes_downloaded = body.bytes.len() as u64;
+            o.attempts = body.attempts;
+            o.seconds.download = body.seconds;
+            o
+        }
+    };
+    ctx.progress.inc(1);
+    outcome
+}

@@ -1,0 +1,18 @@
+//! recap: URL + alt-text lists in, complete, reconciled Parquet shards out, in one streaming
+//! pass. See `../README.md` for the tour and `DESIGN.md` (in the project's shared notes) for the
+//! data flow. Modules are named for where they sit in that flow.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod imaging;
+pub mod outcome;
+pub mod sink;
+pub mod source;
+
+
+pub mod cli;
+pub mod query;
+pub mod synth;
+pub use error::{Error, Result};

@@ -1,0 +1,373 @@
+//! Parquet shard writer. A shard is written to a hidden temporary name, synced, and renamed into
+//! place; its stats JSON follows the same way, and the completion marker `NNNNN.done` is written
+//! last. A shard without its marker is redone on the next run, so a crash never leaves a
+//! half-written shard that a rerun would trust.
+
+pub mod schema;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, RecordBatch, StringArray, StringBuilder, StructArray, UInt16Array, UInt32Array,
+    UInt64Array,
+};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::{DataType, Fields, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{GzipLevel, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Compression, OutputConfig};
+use crate::error::{Error, Result};
+use crate::outcome::{ImageData, Outcome, StageSeconds, Status};
+
+/// Paths of one shard's files.
+#[derive(Debug, Clone)]
+pub struct ShardPaths {
+    pub parquet: PathBuf,
+    pub stats: PathBuf,
+    pub done: PathBuf,
+}
+
+impl ShardPaths {
+    pub fn new(dir: &Path, shard: u64) -> Self {
+        ShardPaths {
+            parquet: dir.join(format!("{shard:05}.parquet")),
+            stats: dir.join(format!("{shard:05}.stats.json")),
+            done: dir.join(format!("{shard:05}.done")),
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.done.is_file() && self.parquet.is_file()
+    }
+}
+
+/// The completion marker's content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DoneMarker {
+    pub rows: u64,
+    pub config_hash: String,
+}
+
+pub fn read_marker(paths: &ShardPaths) -> Option<DoneMarker> {
+    serde_json::from_slice(&std::fs::read(&paths.done).ok()?).ok()
+}
+
+/// Per-shard statistics, written as `NNNNN.stats.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardStats {
+    pub shard: u64,
+    pub rows: u64,
+    /// Rows per status.
+    pub status: BTreeMap<String, u64>,
+    /// Rows per `status: reason` (the 50 most frequent; the rest under "other").
+    pub reasons: BTreeMap<String, u64>,
+    /// Rows per HTTP status of the last response.
+    pub http_status: BTreeMap<String, u64>,
+    pub bytes_downloaded: u64,
+    pub bytes_written: u64,
+    /// Seconds summed over rows per stage, plus the shard's wall time and Parquet write time.
+    pub seconds: SecondsStats,
+    pub config_hash: String,
+    /// Runs of `--retry-failed` on this shard: rows re-attempted and rows that came back ok.
+    #[serde(default)]
+    pub retried: RetryStats,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecondsStats {
+    #[serde(flatten)]
+    pub stages: StageSeconds,
+    pub write: f64,
+    pub wall: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetryStats {
+    pub attempted: u64,
+    pub recovered: u64,
+}
+
+impl ShardStats {
+    /// Counts from the outcomes of every row of the shard.
+    pub fn from_outcomes(shard: u64, outcomes: &[Outcome], config_hash: &str) -> Self {
+        let mut s = ShardStats { shard, rows: outcomes.len() as u64, config_hash: config_hash.to_string(), ..Default::default() };
+        let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+        for o in outcomes {
+            *s.status.entry(o.status.to_string()).or_default() += 1;
+            if let Some(r) = &o.reason {
+                let mut key = format!("{}: {r}", o.status);
+                if key.len() > 160 {
+                    let mut cut = 157;
+                    while !key.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    key.truncate(cut);
+                    key.push_str("...");
+                }
+                *reasons.entry(key).or_default() += 1;
+            }
+            if let Some(h) = o.http_status {
+                *s.http_status.entry(h.to_string()).or_default() += 1;
+            }
+            s.bytes_downloaded += o.bytes_downloaded;
+            s.seconds.stages += o.seconds;
+        }
+        let mut by_count: Vec<(String, u64)> = reasons.into_iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (i, (k, v)) in by_count.into_iter().enumerate() {
+            if i < 50 {
+                s.reasons.insert(k, v);
+            } else {
+                *s.reasons.entry("other".into()).or_default() += v;
+            }
+        }
+        s
+    }
+}
+
+/// Row key: shard (5 digits) then row within the shard (at least 4 digits, more when shards are larger).
+pub fn row_key(shard: u64, row: u64, rows_per_shard: u64) -> String {
+    let width = (rows_per_shard.saturating_sub(1)).to_string().len().max(4);
+    format!("{shard:05}{row:0width$}")
+}
+
+/// Stable id of a URL.
+pub fn url_uid(url: &str) -> String {
+    hex::encode(&Sha256::digest(url.as_bytes())[..16])
+}
+
+/// Build the shard's batch: the input rows (url, caption, passthrough) and one outcome per row.
+pub fn build_batch(
+    schema: &SchemaRef,
+    shard: u64,
+    rows_per_shard: u64,
+    input: &RecordBatch,
+    outcomes: &[Outcome],
+) -> Result<RecordBatch> {
+    let n = input.num_rows();
+    if outcomes.len() != n {
+        return Err(Error::Internal(format!("shard {shard}: {} outcomes for {n} rows", outcomes.len())));
+    }
+    let urls = input.column(0).as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("url column is not utf8".into()))?;
+    let key: StringArray = (0..n).map(|i| Some(row_key(shard, i as u64, rows_per_shard))).collect();
+    let uid: StringArray = (0..n).map(|i| urls.is_valid(i).then(|| url_uid(urls.value(i)))).collect();
+    let status: StringArray = outcomes.iter().map(|o| Some(o.status.as_str())).collect();
+    let reason: StringArray = outcomes.iter().map(|o| o.reason.as_deref()).collect();
+    let http: UInt16Array = outcomes.iter().map(|o| o.http_status).collect();
+    let bytes: BinaryArray = outcomes.iter().map(|o| o.image.as_ref().map(|i| i.bytes.as_slice())).collect();
+    let mut paths = StringBuilder::new();
+    for (i, o) in outcomes.iter().enumerate() {
+        match &o.image {
+            Some(img) => paths.append_value(format!("{}.{}", row_key(shard, i as u64, rows_per_shard), img.extension)),
+            None => paths.append_null(),
+        }
+    }
+    let image_field = schema.field_with_name("image").map_err(|e| Error::data("shard schema", e))?;
+    let DataType::Struct(image_fields) = image_field.data_type() else {
+        return Err(Error::Internal("image column is not a struct".into()));
+    };
+    let validity = NullBuffer::from(outcomes.iter().map(|o| o.image.is_some()).collect::<Vec<bool>>());
+    let image = StructArray::try_new(
+        image_fields.clone(),
+        vec![Arc::new(bytes) as ArrayRef, Arc::new(paths.finish()) as ArrayRef],
+        Some(validity),
+    )
+    .map_err(|e| Error::data("building image column", e))?;
+    let width: UInt32Array = outcomes.iter().map(|o| o.image.as_ref().map(|i| i.width)).collect();
+    let height: UInt32Array = outcomes.iter().map(|o| o.image.as_ref().map(|i| i.height)).collect();
+    let ow: UInt32Array = outcomes.iter().map(|o| o.original_width).collect();
+    let oh: UInt32Array = outcomes.iter().map(|o| o.original_height).collect();
+    let sha: StringArray = outcomes.iter().map(|o| o.sha256.as_deref()).collect();
+    let phash: UInt64Array = outcomes.iter().map(|o| o.image.as_ref().map(|i| i.phash)).collect();
+
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(key), Arc::new(uid)];
+    // url, caption, passthrough: as read.
+    cols.extend(input.columns().iter().cloned());
+    cols.extend([
+        Arc::new(status) as ArrayRef,
+        Arc::new(reason),
+        Arc::new(http),
+        Arc::new(image),
+        Arc::new(width),
+        Arc::new(height),
+        Arc::new(ow),
+        Arc::new(oh),
+        Arc::new(sha),
+        Arc::new(phash),
+    ]);
+    RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data(format!("building shard {shard}"), e))
+}
+
+/// Read back the outcomes stored in a shard (what `--retry-failed` keeps for rows it does not redo).
+pub fn outcomes_from_batch(batch: &RecordBatch) -> Result<Vec<Outcome>> {
+    fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
+        b.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<T>())
+            .ok_or_else(|| Error::Internal(format!("shard has no column {name} of the expected type")))
+    }
+    let status = col::<StringArray>(batch, "status")?;
+    let reason = col::<StringArray>(batch, "reason")?;
+    let http = col::<UInt16Array>(batch, "http_status")?;
+    let image = col::<StructArray>(batch, "image")?;
+    let bytes = image.column(0).as_any().downcast_ref::<BinaryArray>().ok_or_else(|| Error::Internal("image.bytes".into()))?;
+    let paths = image.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("image.path".into()))?;
+    let width = col::<UInt32Array>(batch, "width")?;
+    let height = col::<UInt32Array>(batch, "height")?;
+    let ow = col::<UInt32Array>(batch, "original_width")?;
+    let oh = col::<UInt32Array>(batch, "original_height")?;
+    let sha = col::<StringArray>(batch, "sha256")?;
+    let phash = col::<UInt64Array>(batch, "phash")?;
+    let opt_str = |a: &StringArray, i: usize| a.is_valid(i).then(|| a.value(i).to_string());
+    let opt_u32 = |a: &UInt32Array, i: usize| a.is_valid(i).then(|| a.value(i));
+    (0..batch.num_rows())
+        .map(|i| {
+            let st = Status::parse(status.value(i))
+                .ok_or_else(|| Error::Internal(format!("unknown status {:?} in shard", status.value(i))))?;
+            let img = (image.is_valid(i) && bytes.is_valid(i)).then(|| ImageData {
+                bytes: bytes.value(i).to_vec(),
+                extension: match paths.value(i).rsplit('.').next() {
+                    Some("png") => "png",
+                    Some("webp") => "webp",
+                    _ => "jpg",
+                },
+                width: width.value(i),
+                height: height.value(i),
+                phash: phash.value(i),
+            });
+            Ok(Outcome {
+                status: st,
+                reason: opt_str(reason, i),
+                http_status: http.is_valid(i).then(|| http.value(i)),
+                image: img,
+                original_width: opt_u32(ow, i),
+                original_height: opt_u32(oh, i),
+                sha256: opt_str(sha, i),
+                bytes_downloaded: 0,
+                attempts: 0,
+                seconds: StageSeconds::default(),
+            })
+        })
+        .collect()
+}
+
+/// Read a whole shard file.
+pub fn read_shard(path: &Path) -> Result<(RecordBatch, SchemaRef)> {
+    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
+    let schema = b.schema().clone();
+    let reader = b.build().map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
+    let batches: Vec<RecordBatch> =
+        reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
+    let batch = arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::data("concatenating shard", e))?;
+    Ok((batch, schema))
+}
+
+/// The passthrough input columns of a shard batch, with url and caption first: the input rows back.
+pub fn input_rows_from_batch(batch: &RecordBatch, input_schema: &SchemaRef) -> Result<RecordBatch> {
+    let cols: Vec<ArrayRef> = input_schema
+        .fields()
+        .iter()
+        .map(|f| batch.column_by_name(f.name()).cloned().ok_or_else(|| Error::Internal(format!("shard lacks column {}", f.name()))))
+        .collect::<Result<_>>()?;
+    RecordBatch::try_new(input_schema.clone(), cols).map_err(|e| Error::data("shard input columns", e))
+}
+
+/// Writes shards into one directory.
+pub struct ShardWriter {
+    dir: PathBuf,
+    props: WriterProperties,
+}
+
+impl ShardWriter {
+    pub fn new(cfg: &OutputConfig, config_hash: &str, config_json: &str, schema_version: u32) -> Result<Self> {
+        let dir = PathBuf::from(&cfg.path);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create output directory", &dir, e))?;
+        let compression = match cfg.compression {
+            Compression::Zstd => parquet::basic::Compression::ZSTD(
+                ZstdLevel::try_new(cfg.compression_level.map(|l| l as i32).unwrap_or(3)).map_err(|e| Error::data("zstd level", e))?,
+            ),
+            Compression::Gzip => parquet::basic::Compression::GZIP(
+                GzipLevel::try_new(cfg.compression_level.unwrap_or(6)).map_err(|e| Error::data("gzip level", e))?,
+            ),
+            Compression::Snappy => parquet::basic::Compression::SNAPPY,
+            Compression::None => parquet::basic::Compression::UNCOMPRESSED,
+        };
+        let props = WriterProperties::builder()
+            .set_compression(compression)
+            .set_max_row_group_row_count(Some(512))
+            .set_key_value_metadata(Some(vec![
+                KeyValue::new("recap.version".into(), env!("CARGO_PKG_VERSION").to_string()),
+                KeyValue::new("recap.schema_version".into(), schema_version.to_string()),
+                KeyValue::new("recap.config_hash".into(), config_hash.to_string()),
+                KeyValue::new("recap.pipeline".into(), config_json.to_string()),
+            ]))
+            .build();
+        Ok(ShardWriter { dir, props })
+    }
+
+    pub fn paths(&self, shard: u64) -> ShardPaths {
+        ShardPaths::new(&self.dir, shard)
+    }
+
+    /// Write the batch and stats atomically, then the completion marker. Returns bytes written.
+    pub fn write(&self, shard: u64, batch: &RecordBatch, stats: &mut ShardStats) -> Result<u64> {
+        let paths = self.paths(shard);
+        // A rewrite (retry) must not leave a stale marker trusted while the new data lands.
+        let _ = std::fs::remove_file(&paths.done);
+        let tmp = self.dir.join(format!(".{shard:05}.parquet.tmp"));
+        let file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone()))
+            .map_err(|e| Error::data(format!("opening {}", tmp.display()), e))?;
+        w.write(batch).map_err(|e| Error::data(format!("writing {}", tmp.display()), e))?;
+        let file = w.into_inner().map_err(|e| Error::data(format!("finishing {}", tmp.display()), e))?;
+        file.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        drop(file);
+        std::fs::rename(&tmp, &paths.parquet).map_err(|e| Error::io("cannot rename into place", &paths.parquet, e))?;
+        stats.bytes_written = bytes;
+        write_atomic(&paths.stats, &serde_json::to_vec_pretty(stats).expect("stats serialise"))?;
+        let marker = DoneMarker { rows: batch.num_rows() as u64, config_hash: stats.config_hash.clone() };
+        write_atomic(&paths.done, &serde_json::to_vec(&marker).expect("marker serialises"))?;
+        Ok(bytes)
+    }
+}
+
+/// Write a small file under a temporary name and rename it into place.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    f.write_all(data).map_err(|e| Error::io("cannot write", &tmp, e))?;
+    f.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot rename into place", path, e))
+}
+
+/// Fields of the image struct, for callers building their own batches.
+pub fn image_fields(schema: &SchemaRef) -> Option<Fields> {
+    match schema.field_with_name("image").ok()?.data_type() {
+        DataType::Struct(f) => Some(f.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_and_widen() {
+        assert_eq!(row_key(3, 7, 1000), "000030007");
+        assert_eq!(row_key(3, 7, 100_000), "0000300007");
+        assert_eq!(url_uid("http://a/b").len(), 32);
+    }
+}

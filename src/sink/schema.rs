@@ -1,0 +1,118 @@
+//! The shard's Arrow schema, loaded from `schemas/shard.schema.json`: that file is the single
+//! source of truth, read by the code and by people, and printed by `recap schema shard`.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use serde::Deserialize;
+
+pub const SHARD_SCHEMA_JSON: &str = include_str!("../../schemas/shard.schema.json");
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaFile {
+    #[allow(dead_code)]
+    name: String,
+    version: u32,
+    #[allow(dead_code)]
+    description: String,
+    passthrough_after: String,
+    fields: Vec<FieldSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FieldSpec {
+    name: String,
+    #[serde(rename = "type")]
+    ty: TypeSpec,
+    nullable: bool,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TypeSpec {
+    Named(String),
+    Struct { r#struct: Vec<FieldSpec> },
+    List { list: Box<FieldSpec> },
+}
+
+fn to_field(f: &FieldSpec) -> Field {
+    let mut field = Field::new(&f.name, to_type(&f.ty), f.nullable);
+    if !f.description.is_empty() {
+        field = field.with_metadata([("description".to_string(), f.description.clone())].into());
+    }
+    field
+}
+
+fn to_type(t: &TypeSpec) -> DataType {
+    match t {
+        TypeSpec::Named(n) => match n.as_str() {
+            "utf8" => DataType::Utf8,
+            "binary" => DataType::Binary,
+            "bool" => DataType::Boolean,
+            "uint8" => DataType::UInt8,
+            "uint16" => DataType::UInt16,
+            "uint32" => DataType::UInt32,
+            "uint64" => DataType::UInt64,
+            "int32" => DataType::Int32,
+            "int64" => DataType::Int64,
+            "float16" => DataType::Float16,
+            "float32" => DataType::Float32,
+            "float64" => DataType::Float64,
+            other => panic!("schemas/shard.schema.json: unknown type {other:?}"),
+        },
+        TypeSpec::Struct { r#struct } => DataType::Struct(Fields::from(r#struct.iter().map(to_field).collect::<Vec<_>>())),
+        TypeSpec::List { list } => DataType::List(Arc::new(to_field(list))),
+    }
+}
+
+/// The fixed shard schema and where passthrough columns go.
+pub struct ShardSchema {
+    pub version: u32,
+    pub fields: Vec<Field>,
+    /// Passthrough columns are inserted after this many fixed fields.
+    pub passthrough_at: usize,
+}
+
+/// The shard schema (parsed once; the file is embedded at build time and checked by a test).
+pub fn shard_schema() -> &'static ShardSchema {
+    static S: OnceLock<ShardSchema> = OnceLock::new();
+    S.get_or_init(|| {
+        let file: SchemaFile = serde_json::from_str(SHARD_SCHEMA_JSON).expect("schemas/shard.schema.json parses");
+        let fields: Vec<Field> = file.fields.iter().map(to_field).collect();
+        let passthrough_at = fields
+            .iter()
+            .position(|f| f.name() == &file.passthrough_after)
+            .expect("passthrough_after names a field")
+            + 1;
+        ShardSchema { version: file.version, fields, passthrough_at }
+    })
+}
+
+/// The full Arrow schema of a shard with these passthrough columns.
+pub fn with_passthrough(passthrough: &[Field]) -> SchemaRef {
+    let s = shard_schema();
+    let mut fields = s.fields[..s.passthrough_at].to_vec();
+    fields.extend(passthrough.iter().cloned());
+    fields.extend(s.fields[s.passthrough_at..].iter().cloned());
+    Arc::new(Schema::new(fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_loads_and_has_the_documented_columns() {
+        let s = with_passthrough(&[Field::new("width_in", DataType::Int64, true)]);
+        let names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(&names[..5], &["key", "uid", "url", "caption", "width_in"]);
+        assert!(names.contains(&"phash"));
+        for n in crate::source::RESERVED_COLUMNS {
+            assert!(names.contains(n), "{n} is reserved but not in the schema");
+        }
+    }
+}
