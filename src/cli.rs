@@ -30,6 +30,7 @@ pub enum Command {
         which: SchemaKind,
     },
     /// Run SQL over a directory of shards (the table is called `shards`).
+    #[cfg(feature = "query")]
     Query(QueryArgs),
     /// Generate a shapeworld (images, masks, depth, captions, URL list), or serve one.
     Synth(SynthArgs),
@@ -143,6 +144,9 @@ pub struct SynthServe {
     /// Seed choosing which rows get faults.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Added before every response.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub latency: std::time::Duration,
     /// How long `slow` responses wait.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub slow_delay: std::time::Duration,
@@ -215,6 +219,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "query")]
         Command::Query(a) => {
             let batches = crate::query::run_sql(&a.shards, &a.sql).await?;
             out!("{}", crate::query::format_table(&batches)?)
@@ -252,7 +257,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
 
 async fn serve_world(s: SynthServe) -> Result<()> {
     let faults = synth::parse_faults(&s.faults).map_err(|e| Error::Usage(format!("--faults: {e}")))?;
-    let opts = ServeOptions { slow_delay: s.slow_delay, oversized_bytes: s.oversized_bytes, bomb_side: s.bomb_side };
+    let opts = ServeOptions { latency: s.latency, slow_delay: s.slow_delay, oversized_bytes: s.oversized_bytes, bomb_side: s.bomb_side };
     let server = synth::serve(s.dir.clone(), s.port, opts)
         .await
         .map_err(|e| Error::io("cannot listen on 127.0.0.1 port", s.port.to_string(), e))?;
@@ -283,7 +288,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
     let w2 = world.clone();
     tokio::task::spawn_blocking(move || synth::generate(&w2, &spec)).await.map_err(|e| Error::Internal(e.to_string()))??;
     out!("1. generated a shapeworld of {} samples in {} ({:.1}s)", a.count, world.display(), t.elapsed().as_secs_f64())?;
-    let opts = ServeOptions { slow_delay: std::time::Duration::from_secs(4), oversized_bytes: 3_000_000, bomb_side: 20_000 };
+    let opts = ServeOptions { latency: std::time::Duration::ZERO, slow_delay: std::time::Duration::from_secs(4), oversized_bytes: 3_000_000, bomb_side: 20_000 };
     let server = synth::serve(world.clone(), 0, opts).await.map_err(|e| Error::io("cannot listen on", "127.0.0.1", e))?;
     let faults = synth::parse_faults(DEMO_FAULTS).map_err(Error::Usage)?;
     let list = synth::write_url_list(&world, &server.base_url(), &faults, 42)?;
@@ -298,10 +303,14 @@ async fn demo(a: DemoArgs) -> Result<()> {
     let summary = engine::run(&plan, &RunOptions { progress: !a.no_progress, ..Default::default() }).await?;
     server.shutdown();
     print_summary(&summary)?;
+    #[cfg(feature = "query")]
+    {
     let sql = "SELECT status, count(*) AS rows, min(reason) AS example_reason FROM shards GROUP BY status ORDER BY rows DESC";
     let batches = crate::query::run_sql(&shards, sql).await?;
     out!("\n4. recap query --shards {} \"{sql}\"", shards.display())?;
-    out!("{}", crate::query::format_table(&batches)?)
+    out!("{}", crate::query::format_table(&batches)?)?;
+    }
+    Ok(())
 }
 
 /// The demo pipeline, built in so `recap demo` works from any directory.

@@ -13,6 +13,7 @@ pub mod source;
 
 
 pub mod cli;
+#[cfg(feature = "query")]
 pub mod query;
 pub mod synth;
 pub use error::{Error, Result};

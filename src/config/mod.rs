@@ -164,20 +164,18 @@ fn schema_problems(value: &Value) -> Vec<Problem> {
                     path: join_path(&path, property.as_str().unwrap_or("?")),
                     message: "missing; this key is required".into(),
                 },
-                jsonschema::error::ValidationErrorKind::AnyOf { .. } => {
+                jsonschema::error::ValidationErrorKind::AnyOf { .. }
+                | jsonschema::error::ValidationErrorKind::OneOfNotValid { .. } => {
                     let found = e.instance().to_string();
-                    let expected = if eval.contains("Duration") {
-                        "a duration such as 10s, 500ms or 2m".to_string()
-                    } else if eval.contains("ByteSize") {
-                        "a size such as 20MB, 512KiB or a number of bytes".to_string()
-                    } else if let Some(name) = eval.split("/$defs/").nth(1) {
-                        let name = name.split('/').next().unwrap_or(name);
-                        match enum_values(&schema, name) {
+                    let def = def_at(&schema, &eval);
+                    let expected = match def.as_deref() {
+                        Some("Duration") => "a duration such as 10s, 500ms or 2m".to_string(),
+                        Some("ByteSize") => "a size such as 20MB, 512KiB or a number of bytes".to_string(),
+                        Some(name) => match enum_values(&schema, name) {
                             Some(values) => format!("one of {values}"),
                             None => format!("a {name}"),
-                        }
-                    } else {
-                        "another value".into()
+                        },
+                        None => "another value".into(),
                     };
                     Problem { path, message: format!("{found} is not valid; expected {expected}") }
                 }
@@ -209,27 +207,42 @@ fn enum_values(schema: &Value, def: &str) -> Option<String> {
     (!values.is_empty()).then(|| values.join(", "))
 }
 
-/// The property names of the schema object at the evaluation path of an additionalProperties error.
-fn known_keys(schema: &Value, eval: &str) -> Vec<String> {
-    // The evaluation path ends in /additionalProperties; the object schema is its parent, reached
-    // through `$ref`s that we follow in the schema's $defs.
+/// Follow an evaluation path (which names `$ref` hops) through the schema, up to but not including
+/// its last segment (the failing keyword). Returns the node reached and the last `$defs` name
+/// entered on the way.
+fn walk<'a>(schema: &'a Value, eval: &str) -> (&'a Value, Option<String>) {
     let mut node = schema;
+    let mut def = None;
     let segs: Vec<&str> = eval.trim_start_matches('/').split('/').collect();
-    let mut i = 0;
-    while i + 1 < segs.len() {
-        let seg = segs[i];
-        if seg == "$ref" {
+    for seg in &segs[..segs.len().saturating_sub(1)] {
+        if *seg == "$ref" {
             if let Some(r) = node.get("$ref").and_then(Value::as_str) {
                 let name = r.rsplit('/').next().unwrap_or(r);
                 if let Some(n) = schema.get("$defs").and_then(|d| d.get(name)) {
                     node = n;
+                    def = Some(name.to_string());
                 }
             }
-        } else if let Some(n) = node.get(seg).or_else(|| seg.parse::<usize>().ok().and_then(|k| node.get(k))) {
+        } else if let Some(n) = node.get(*seg).or_else(|| seg.parse::<usize>().ok().and_then(|k| node.get(k))) {
             node = n;
         }
-        i += 1;
     }
+    (node, def)
+}
+
+/// The `$defs` type whose anyOf/oneOf failed; `None` when the keyword is not inside one.
+fn def_at(schema: &Value, eval: &str) -> Option<String> {
+    let (node, def) = walk(schema, eval);
+    // Option<Enum> fields are `anyOf: [{$ref}, {type: null}]`: name the referenced type.
+    if let Some(r) = node.get("anyOf").and_then(Value::as_array).and_then(|a| a.iter().find_map(|v| v.get("$ref")?.as_str())) {
+        return r.rsplit('/').next().map(str::to_string);
+    }
+    def
+}
+
+/// The property names of the schema object at the evaluation path of an additionalProperties error.
+fn known_keys(schema: &Value, eval: &str) -> Vec<String> {
+    let (node, _) = walk(schema, eval);
     node.get("properties")
         .and_then(Value::as_object)
         .map(|m| m.keys().cloned().collect())

@@ -343,7 +343,8 @@ mod tests {
     #[test]
     fn dct_scale_keeps_enough_pixels() {
         let cfg = ImageConfig { size: 256, ..Default::default() };
-        assert_eq!(dct_scale(1600, 1200, &cfg), 2); // 1200/4 = 300 < 512; 1200/2 = 600 >= 512
+        // Numerators over 8: 1200 * 2/8 = 300 < 512, 1200 * 4/8 = 600 >= 512: decode at 1/2.
+        assert_eq!(dct_scale(1600, 1200, &cfg), 4);
         assert_eq!(dct_scale(4096, 4096, &cfg), 1);
         assert_eq!(dct_scale(300, 300, &cfg), 8);
     }

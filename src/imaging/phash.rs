@@ -52,10 +52,12 @@ mod tests {
 
     #[test]
     fn similar_images_hash_close_and_different_ones_far() {
-        let a = RgbImage::from_fn(200, 150, |x, y| image::Rgb([(x * 255 / 200) as u8, (y * 255 / 150) as u8, 60]));
-        let b = super::super::resize_rgb(&a, 100, 75, None, ResizeFilter::Bilinear).unwrap();
-        let c = RgbImage::from_fn(200, 150, |x, y| image::Rgb([((x / 20 + y / 20) % 2 * 255) as u8, 0, 0]));
-        assert!(distance(phash(&a), phash(&b)) <= 4);
-        assert!(distance(phash(&a), phash(&c)) > 16);
+        use crate::synth::world::{render, sample, WorldSpec};
+        let spec = WorldSpec { count: 2, seed: 3, min_size: (320, 240), max_size: (320, 240), ..Default::default() };
+        let a = render(&sample(&spec, 0)).0;
+        let b = super::super::resize_rgb(&a, 160, 120, None, ResizeFilter::Bilinear).unwrap();
+        let c = render(&sample(&spec, 1)).0;
+        assert!(distance(phash(&a), phash(&b)) <= 4, "{}", distance(phash(&a), phash(&b)));
+        assert!(distance(phash(&a), phash(&c)) > 12, "{}", distance(phash(&a), phash(&c)));
     }
 }

@@ -30,6 +30,8 @@ pub const FAULTS: [&str; 15] = [
 /// Server behaviour knobs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// Added before every response (a slow but healthy web).
+    pub latency: Duration,
     pub slow_delay: Duration,
     pub oversized_bytes: usize,
     pub bomb_side: u32,
@@ -37,7 +39,7 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { slow_delay: Duration::from_secs(30), oversized_bytes: 25_000_000, bomb_side: 20_000 }
+        ServeOptions { latency: Duration::ZERO, slow_delay: Duration::from_secs(30), oversized_bytes: 25_000_000, bomb_side: 20_000 }
     }
 }
 
@@ -182,6 +184,9 @@ fn bomb_png(side: u32) -> Vec<u8> {
 }
 
 async fn respond(sock: &mut TcpStream, st: &State, method: &str, path: &str) -> std::io::Result<bool> {
+    if !st.opts.latency.is_zero() {
+        tokio::time::sleep(st.opts.latency).await;
+    }
     if method != "GET" && method != "HEAD" {
         return send(sock, 405, "Method Not Allowed", &[], b"").await;
     }

@@ -1,0 +1,47 @@
+//! The binary as a user runs it: the demo end to end, validate, schema, query, exit codes.
+
+use std::process::Command;
+
+fn recap(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_recap")).args(args).output().unwrap()
+}
+
+#[test]
+fn demo_runs_end_to_end_and_query_reads_its_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let out = recap(&["demo", "--count", "60", "--no-progress", "--dir", d.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("run summary"), "{text}");
+    assert!(text.contains("60 rows"), "{text}");
+    for status in ["ok", "http_error", "timeout", "too_large", "too_many_pixels", "opted_out", "too_many_redirects"] {
+        assert!(text.contains(status), "demo output lacks {status}:\n{text}");
+    }
+    let q = recap(&["query", "--shards", d.join("shards").to_str().unwrap(), "SELECT count(*) AS n FROM shards"]);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    assert!(String::from_utf8_lossy(&q.stdout).contains("| 60 |"), "{}", String::from_utf8_lossy(&q.stdout));
+}
+
+#[test]
+fn validate_reports_problems_with_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.yaml");
+    std::fs::write(&p, "input:\n  path: nowhere.parquet\n  bogus: 1\noutput:\n  path: out\n").unwrap();
+    let out = recap(&["validate", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("input.bogus: unknown key"), "{err}");
+    let usage = recap(&["run", p.to_str().unwrap(), "--worker", "3/2"]);
+    assert_ne!(usage.status.code(), Some(0));
+}
+
+#[test]
+fn schema_commands_print_the_committed_schemas() {
+    let out = recap(&["schema", "pipeline"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), std::fs::read_to_string("schemas/pipeline.schema.json").unwrap());
+    let shard = String::from_utf8_lossy(&recap(&["schema", "shard"]).stdout).to_string();
+    for col in ["key", "uid", "status", "reason", "image", "sha256", "phash"] {
+        assert!(shard.lines().any(|l| l.starts_with(col)), "{col} missing from:\n{shard}");
+    }
+}

@@ -1,0 +1,89 @@
+//! Pipeline files: the committed JSON Schema matches the code, every example pipeline validates,
+//! and error messages (every problem at once, with its YAML path) are snapshot-tested.
+
+use recap::config;
+
+#[test]
+fn committed_json_schema_matches_the_code() {
+    let committed = std::fs::read_to_string("schemas/pipeline.schema.json").unwrap();
+    assert!(
+        committed == config::json_schema_text(),
+        "schemas/pipeline.schema.json is stale: run `cargo run -- schema pipeline > schemas/pipeline.schema.json`"
+    );
+}
+
+#[test]
+fn every_pipeline_in_pipelines_validates() {
+    let mut n = 0;
+    for e in std::fs::read_dir("pipelines").unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let cfg = config::parse_str(&text, &p.display().to_string(), &[])
+                .unwrap_or_else(|e| panic!("{} does not validate:\n{e}", p.display()));
+            // The example round-trips through the schema's own validator too.
+            let v = serde_json::to_value(&cfg).unwrap();
+            assert!(jsonschema::is_valid(&config::json_schema(), &v), "{}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
+
+fn errors(yaml: &str) -> String {
+    config::parse_str(yaml, "bad.yaml", &[]).unwrap_err().to_string()
+}
+
+#[test]
+fn schema_errors_are_all_reported_with_paths() {
+    insta::assert_snapshot!("many_problems", errors(
+        r#"
+input:
+  path: urls.parquet
+  rows_per_shard: 0
+  pasthrough: [width]
+download:
+  concurrency: -3
+  timeout: 10 parsecs
+  max_bytes: lots
+image:
+  resize: centre_crop
+  quality: 101
+output: {}
+"#
+    ));
+}
+
+#[test]
+fn missing_sections_and_bad_yaml() {
+    insta::assert_snapshot!("missing_sections", errors("download:\n  retries: 1\n"));
+    insta::assert_snapshot!("not_yaml", errors("input: [unclosed\n"));
+    insta::assert_snapshot!("empty", errors(""));
+}
+
+#[test]
+fn input_problems_name_the_columns_that_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("list.csv");
+    std::fs::write(&csv, "link,alt,width\nhttp://a/b.jpg,hi,3\n").unwrap();
+    let yaml = format!(
+        "input:\n  path: {}\n  passthrough: [width, status, height]\noutput:\n  path: out\ndownload:\n  per_host: 100\n",
+        csv.display()
+    );
+    let cfg = config::parse_str(&yaml, "bad.yaml", &[]).unwrap();
+    let msg = config::plan(cfg, "bad.yaml").unwrap_err().to_string().replace(&csv.display().to_string(), "LIST");
+    insta::assert_snapshot!("input_columns", msg);
+
+    let cfg = config::parse_str("input:\n  path: no/such/urls.parquet\noutput:\n  path: out\n", "bad.yaml", &[]).unwrap();
+    insta::assert_snapshot!("input_missing", config::plan(cfg, "bad.yaml").unwrap_err().to_string());
+}
+
+#[test]
+fn overrides_are_checked_like_the_file() {
+    let yaml = "input:\n  path: x.parquet\noutput:\n  path: out\n";
+    let err = config::parse_str(yaml, "p.yaml", &["download.concurrency=zero".into(), "image.size=64".into()]).unwrap_err();
+    insta::assert_snapshot!("override", err.to_string());
+    let cfg = config::parse_str(yaml, "p.yaml", &["image.size=64".into(), "download.timeout=2s".into()]).unwrap();
+    assert_eq!(cfg.image.size, 64);
+    assert_eq!(cfg.download.timeout.0, std::time::Duration::from_secs(2));
+}

@@ -1,0 +1,285 @@
+//! End to end over loopback HTTP: every fault gets its status, rows reconcile, a killed run
+//! resumes to the same rows, workers split the shards, retryable failures are retried in place.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+use recap::config;
+use recap::engine::{self, RunOptions, Worker};
+use recap::synth::ServeOptions;
+
+fn expected_status(fault: Option<&str>, corrupt: bool) -> &'static str {
+    if corrupt {
+        return "decode_failed";
+    }
+    match fault {
+        None | Some("flaky") | Some("429") | Some("wrong_type") | Some("redirect") => "ok",
+        Some("404") | Some("500") => "http_error",
+        Some("slow") => "timeout",
+        Some("reset") | Some("truncated") => "download_failed",
+        Some("not_image") => "decode_failed",
+        Some("redirect_loop") => "too_many_redirects",
+        Some("oversized") | Some("oversized_chunked") => "too_large",
+        Some("bomb") => "too_many_pixels",
+        Some("opt_out") => "opted_out",
+        Some(other) => panic!("no expectation for fault {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_kind_gets_its_status_and_rows_reconcile() {
+    let faults = recap::synth::FAULTS.iter().map(|f| format!("{f}=2")).collect::<Vec<_>>().join(",");
+    let opts = ServeOptions { slow_delay: Duration::from_secs(3), oversized_bytes: 2_000_000, bomb_side: 5000, ..Default::default() };
+    let w = world(50, 3, &faults, opts).await;
+    let out = w.tmp.path().join("out");
+    let p = pipeline(&w, &out, 20, "", "  max_pixels: 10000000");
+    let plan = config::load(&p, &[]).unwrap();
+    let summary = engine::run(&plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(summary.rows, 50);
+    assert_eq!(summary.shards_written, vec![0, 1, 2]);
+
+    let samples = recap::synth::load_samples(&w.dir).unwrap();
+    let mut rows = 0;
+    for (shard, b) in read_all(&out) {
+        let ids = u64s(&b, "id");
+        let faults = strings(&b, "fault");
+        let status = strings(&b, "status");
+        let reason = strings(&b, "reason");
+        let keys = strings(&b, "key");
+        for i in 0..b.num_rows() {
+            let id = ids[i];
+            // Input order is kept: row i of shard s is input row s*20+i.
+            assert_eq!(id, shard * 20 + i as u64);
+            assert_eq!(keys[i].as_deref().unwrap(), format!("{shard:05}{i:04}"));
+            let want = expected_status(faults[i].as_deref(), samples[id as usize].corrupt);
+            assert_eq!(status[i].as_deref().unwrap(), want, "row {id} fault {:?}: reason {:?}", faults[i], reason[i]);
+            assert_eq!(reason[i].is_none(), want == "ok", "row {id}: ok rows and only they have no reason");
+            rows += 1;
+        }
+        let stats: recap::sink::ShardStats =
+            serde_json::from_slice(&std::fs::read(out.join(format!("{shard:05}.stats.json"))).unwrap()).unwrap();
+        assert_eq!(stats.rows, b.num_rows() as u64);
+        assert_eq!(stats.status.values().sum::<u64>(), stats.rows);
+        assert!(out.join(format!("{shard:05}.done")).is_file());
+    }
+    assert_eq!(rows, 50, "rows in == rows out");
+    let http = count_status(&out);
+    assert_eq!(summary.status, http);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_are_rows_not_errors_and_private_targets_are_blocked() {
+    let w = world(4, 0, "", ServeOptions::default()).await;
+    let port = w.server.addr.port();
+    let csv = w.tmp.path().join("urls.csv.gz");
+    let rows = [
+        ("", "empty"),
+        ("not a url", "garbage"),
+        ("ftp://example.org/a.jpg", "ftp"),
+        ("http://127.0.0.1:1/a.jpg", "refused"),
+        (&*format!("http://127.0.0.1:{port}/img/000000.jpg"), "loopback literal"),
+        (&*format!("http://localhost:{port}/img/000001.jpg"), "loopback name"),
+        ("http://[::1]:1/a.jpg", "v6 loopback"),
+    ];
+    {
+        use std::io::Write;
+        let f = std::fs::File::create(&csv).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        writeln!(gz, "url,caption").unwrap();
+        for (u, c) in rows {
+            writeln!(gz, "\"{u}\",{c}").unwrap();
+        }
+        gz.finish().unwrap();
+    }
+    let out = w.tmp.path().join("out");
+    let yaml = format!("input:\n  path: {}\noutput:\n  path: {}\ndownload:\n  retries: 0\n  timeout: 2s\nimage:\n  min_size: 16\n", csv.display(), out.display());
+    let cfg = config::parse_str(&yaml, "t.yaml", &[]).unwrap();
+    let plan = config::plan(cfg, "t.yaml").unwrap();
+    engine::run(&plan, &RunOptions::default()).await.unwrap();
+    let st = fingerprint(&out).into_iter().map(|r| r.2).collect::<Vec<_>>();
+    assert_eq!(st, ["invalid_url", "invalid_url", "invalid_url", "blocked", "blocked", "blocked", "blocked"]);
+    // The same list with private targets allowed: the loopback rows download.
+    let plan = config::plan(
+        config::parse_str(&yaml, "t.yaml", &["download.allow_private_networks=true".into(), format!("output.path={}/b", out.display())]).unwrap(),
+        "t.yaml",
+    )
+    .unwrap();
+    engine::run(&plan, &RunOptions::default()).await.unwrap();
+    let st = fingerprint(&out.join("b")).into_iter().map(|r| r.2).collect::<Vec<_>>();
+    assert_eq!(&st[3..6], ["download_failed", "ok", "ok"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_cover_every_shard_exactly_once() {
+    let w = world(23, 0, "", ServeOptions::default()).await;
+    let out = w.tmp.path().join("out");
+    let p = pipeline(&w, &out, 3, "", "");
+    let plan = config::load(&p, &[]).unwrap();
+    let mut seen: Vec<u64> = Vec::new();
+    for i in 0..3 {
+        let s = engine::run(&plan, &RunOptions { worker: Worker { index: i, count: 3 }, ..Default::default() }).await.unwrap();
+        assert!(s.shards_written.iter().all(|sh| sh % 3 == i));
+        seen.extend(&s.shards_written);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..8).collect::<Vec<_>>(), "8 shards of 3 rows (the last of 2), each written once");
+    assert_eq!(fingerprint(&out).len(), 23);
+    // A rerun finds everything complete.
+    let again = engine::run(&plan, &RunOptions::default()).await.unwrap();
+    assert!(again.shards_written.is_empty());
+    assert_eq!(again.shards_skipped.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_failed_redoes_only_retryable_rows_in_place() {
+    let w = world(30, 0, "flaky=4,404=2", ServeOptions::default()).await;
+    let out = w.tmp.path().join("out");
+    let p = pipeline(&w, &out, 10, "", "");
+    let first_plan = config::load(&p, &["download.retries=0".into()]).unwrap();
+    let first = engine::run(&first_plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(first.status.get("http_error"), Some(&6));
+    let before = fingerprint(&out);
+
+    // Plain rerun: nothing to do.
+    let plan = config::load(&p, &["download.retries=0".into()]).unwrap();
+    let rerun = engine::run(&plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(rerun.shards_skipped.len(), 3);
+
+    let retried = engine::run(&plan, &RunOptions { retry_failed: true, ..Default::default() }).await.unwrap();
+    assert_eq!(retried.rows_retried, 4, "the 503s are retryable, the 404s are not");
+    assert_eq!(retried.rows_recovered, 4);
+    let after = fingerprint(&out);
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((&b.0, &b.1), (&a.0, &a.1), "keys and positions are kept");
+        if b.2 == "ok" || a.2 == b.2 {
+            assert_eq!(b, a, "rows that were not retried are unchanged");
+        } else {
+            assert_eq!(a.2, "ok");
+        }
+    }
+    assert_eq!(count_status(&out).get("http_error"), Some(&2));
+    let mut retried_total = 0;
+    for shard in 0..3 {
+        let stats: recap::sink::ShardStats =
+            serde_json::from_slice(&std::fs::read(out.join(format!("{shard:05}.stats.json"))).unwrap()).unwrap();
+        assert_eq!(stats.status.values().sum::<u64>(), 10);
+        retried_total += stats.retried.recovered;
+    }
+    assert_eq!(retried_total, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_mid_way_resumes_to_the_same_rows() {
+    let opts = ServeOptions { latency: Duration::from_millis(60), ..Default::default() };
+    let w = world(60, 2, "404=3,flaky=2", opts).await;
+    let reference = w.tmp.path().join("reference");
+    let p_ref = pipeline(&w, &reference, 5, "", "");
+    let plan = config::load(&p_ref, &[]).unwrap();
+    engine::run(&plan, &RunOptions::default()).await.unwrap();
+
+    let out = w.tmp.path().join("killed");
+    let p = pipeline(&w, &out, 5, "", "");
+    let exe = env!("CARGO_BIN_EXE_recap");
+    let mut child = std::process::Command::new(exe)
+        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until some but not all shards are complete, then SIGKILL.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = std::fs::read_dir(&out).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "done")).count()).unwrap_or(0);
+        if done >= 3 {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the run ended ({st}) before it could be killed");
+        }
+        assert!(std::time::Instant::now() < deadline, "no shard completed within 60s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done_before: BTreeSet<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".done"))
+        .collect();
+    assert!(done_before.len() < 12, "killed before the end");
+
+    let status = std::process::Command::new(exe).args(["run", p.to_str().unwrap(), "--no-progress"]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("{} already complete (skipped)", done_before.len())), "{text}");
+    assert_eq!(fingerprint(&out), fingerprint(&reference), "same rows as an uninterrupted run");
+    // No temporary file is left looking like a shard.
+    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let shards = names.iter().filter(|n| n.ends_with(".parquet")).count();
+    assert_eq!(shards, 12, "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_tsv_jsonl_and_parquet_inputs_give_the_same_shards() {
+    let w = world(12, 0, "404=2", ServeOptions::default()).await;
+    let out = w.tmp.path().join("parquet");
+    engine::run(&config::load(&pipeline(&w, &out, 5, "", ""), &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let reference: Vec<(Option<String>, String)> = fingerprint(&out).into_iter().map(|r| (r.1, r.2)).collect();
+    // Write the same list as CSV, TSV and JSON Lines (the URL list's url, caption, id, fault).
+    let (_, b) = &recap::sink::read_shard(&w.urls).map(|(b, s)| (s, b)).unwrap();
+    let urls = strings(b, "url");
+    let caps = strings(b, "caption");
+    let ids = u64s(b, "id");
+    let dir = w.tmp.path().join("lists");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut csv = String::from("url,caption,id,fault\n");
+    let mut tsv = String::from("url\tcaption\tid\tfault\n");
+    let mut jsonl = String::new();
+    for i in 0..urls.len() {
+        let (u, c) = (urls[i].as_deref().unwrap(), caps[i].as_deref().unwrap());
+        csv.push_str(&format!("{u},\"{c}\",{},\n", ids[i]));
+        tsv.push_str(&format!("{u}\t{c}\t{}\t\n", ids[i]));
+        jsonl.push_str(&format!("{}\n", serde_json::json!({"url": u, "caption": c, "id": ids[i], "fault": null})));
+    }
+    std::fs::write(dir.join("a.csv"), csv).unwrap();
+    std::fs::write(dir.join("a.tsv"), tsv).unwrap();
+    std::fs::write(dir.join("a.jsonl"), jsonl).unwrap();
+    for name in ["a.csv", "a.tsv", "a.jsonl"] {
+        let o = w.tmp.path().join(format!("out-{name}"));
+        let p = pipeline(&w, &o, 5, "", "");
+        let plan = config::load(&p, &[format!("input.path={}", dir.join(name).display())]).unwrap();
+        engine::run(&plan, &RunOptions::default()).await.unwrap();
+        let got: Vec<(Option<String>, String)> = fingerprint(&o).into_iter().map(|r| (r.1, r.2)).collect();
+        assert_eq!(got, reference, "{name}");
+    }
+    // A directory of several files is read in name order: 3 copies of the list.
+    let o = w.tmp.path().join("out-dir");
+    let plan = config::load(&pipeline(&w, &o, 5, "", ""), &[format!("input.path={}", dir.display()), "input.passthrough=[id]".into()]).unwrap();
+    let s = engine::run(&plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(s.rows, 36);
+    let _ = BTreeMap::<u8, u8>::new();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyarrow_and_duckdb_read_the_shards() {
+    let python = std::env::var("RECAP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "no Python with pyarrow and duckdb at {python}: run `bash scripts/python-env.sh` (scripts/test.sh does)"
+    );
+    let w = world(30, 2, "404=3,opt_out=2", ServeOptions::default()).await;
+    let out = w.tmp.path().join("out");
+    let summary = engine::run(&config::load(&pipeline(&w, &out, 8, "", ""), &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let output = std::process::Command::new(&python).arg("tests/interop/count_statuses.py").arg(&out).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let want: serde_json::Value = serde_json::to_value(&summary.status).unwrap();
+    assert_eq!(v["pyarrow"], want);
+    assert_eq!(v["duckdb"], want);
+    let ok = summary.status["ok"];
+    assert_eq!(v["pyarrow_images_with_bytes"], ok);
+    assert_eq!(v["duckdb_ok_with_hashes"], ok);
+}
