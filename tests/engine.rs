@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
@@ -260,7 +260,6 @@ async fn csv_tsv_jsonl_and_parquet_inputs_give_the_same_shards() {
     let plan = config::load(&pipeline(&w, &o, 5, "", ""), &[format!("input.path={}", dir.display()), "input.passthrough=[id]".into()]).unwrap();
     let s = engine::run(&plan, &RunOptions::default()).await.unwrap();
     assert_eq!(s.rows, 36);
-    let _ = BTreeMap::<u8, u8>::new();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,16 +116,13 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
 
     // Decide which shards to run before counting the work for the progress bar.
     let worker = opts.worker;
-    let mut mine_todo = 0u64;
     let mut mine_rows = 0u64;
     for s in 0..shards_total {
         if worker.owns(s) && (!writer.paths(s).is_complete() || opts.retry_failed) {
-            mine_todo += 1;
             mine_rows += rps.min(total_rows - s * rps);
         }
     }
     progress.set_length(mine_rows);
-    let _ = mine_todo;
 
     let ctx = Arc::new(Ctx {
         fetcher,

@@ -16,7 +16,7 @@ use arrow::array::{
     UInt64Array,
 };
 use arrow::buffer::NullBuffer;
-use arrow::datatypes::{DataType, Fields, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{GzipLevel, ZstdLevel};
@@ -350,14 +350,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(|e| Error::io("cannot write", &tmp, e))?;
     f.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot rename into place", path, e))
-}
-
-/// Fields of the image struct, for callers building their own batches.
-pub fn image_fields(schema: &SchemaRef) -> Option<Fields> {
-    match schema.field_with_name("image").ok()?.data_type() {
-        DataType::Struct(f) => Some(f.clone()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
