@@ -3,7 +3,8 @@
 # 3000 images (200x150 to 1600x1200, JPEG + 10% PNG, 10 corrupt, 10 404s), 256px center crops,
 # Parquet output, 500 rows per shard, the same parallelism (img2dataset: 2 processes x 64 threads).
 # Prints wall time, images/s and peak RSS (whole process tree) of each and the ratios.
-# Usage: bash benches/vs_img2dataset.sh    (N=3000 BENCH_DIR=bench-out PORT=18080 to change)
+# Usage: bash benches/vs_img2dataset.sh    (N=3000 BENCH_DIR=bench-out PORT=18080 to change;
+#        RECAP_BIN=path/to/recap to use a release binary you already built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
@@ -15,8 +16,12 @@ if [ ! -x .venv-bench/bin/img2dataset ]; then
   python3 -m venv .venv-bench
   .venv-bench/bin/pip install -q --disable-pip-version-check img2dataset
 fi
-cargo build --release --no-default-features --bin recap
-recap=target/release/recap
+if [ -n "${RECAP_BIN:-}" ]; then
+  recap=$RECAP_BIN
+else
+  cargo build --release --no-default-features --bin recap
+  recap=target/release/recap
+fi
 
 if [ ! -f "$work/world/world.json" ] || ! grep -q "\"count\": $N," "$work/world/world.json"; then
   rm -rf "$work/world"

@@ -198,8 +198,20 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Validate(a) => {
             let plan = config::load(&a.pipeline, &a.set)?;
+            // Model stages: load every model and check its inputs and outputs.
+            let models = match crate::reinforce::Stages::load(&plan.config)? {
+                None => String::new(),
+                Some(s) => {
+                    let mut parts = Vec::new();
+                    if let Some(c) = &plan.config.caption {
+                        parts.push(format!("captioner {}", c.model));
+                    }
+                    parts.extend(s.teachers.iter().map(|(m, d)| format!("teacher {m} ({d}-d)")));
+                    format!("; models ok: {}", parts.join(", "))
+                }
+            };
             out!(
-                "{}: ok ({} input file{}, columns: {}; config hash {})",
+                "{}: ok ({} input file{}, columns: {}; config hash {}{models})",
                 a.pipeline.display(),
                 plan.input.files.len(),
                 if plan.input.files.len() == 1 { "" } else { "s" },
@@ -213,7 +225,13 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Schema { which: SchemaKind::Shard } => {
             let schema = crate::sink::schema::with_passthrough(&[]);
             out!("# recap shard schema, version {} (input.passthrough columns go after `caption`)", crate::sink::schema::shard_schema().version)?;
-            for f in schema.fields() {
+            let reinforced = crate::sink::schema::reinforced_fields(true, true, 0);
+            let mut fields: Vec<arrow::datatypes::Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            fields.extend(reinforced);
+            for (i, f) in fields.iter().enumerate() {
+                if i == schema.fields().len() {
+                    out!("# reinforced columns, version {} (caption stage: synthetic_captions; score stage: the rest; D = the teachers' dimensions added up)", crate::sink::schema::reinforced_version())?;
+                }
                 let doc = f.metadata().get("description").cloned().unwrap_or_default();
                 out!("{:<16} {:<40} {}  {}", f.name(), format!("{}", f.data_type()), if f.is_nullable() { "null" } else { "not null" }, doc)?;
             }
@@ -296,19 +314,84 @@ async fn demo(a: DemoArgs) -> Result<()> {
     if shards.exists() {
         std::fs::remove_dir_all(&shards).map_err(|e| Error::io("cannot clear", &shards, e))?;
     }
-    let overrides = vec![format!("input.path={}", list.display()), format!("output.path={}", shards.display())];
+    let models = fixture_models_dir()?;
+    let m = |name: &str| models.join(name).display().to_string();
+    let overrides = vec![
+        format!("input.path={}", list.display()),
+        format!("output.path={}", shards.display()),
+        format!("caption.model={}", m("shapeworld-captioner")),
+        format!("score.teachers=[{}, {}]", m("shapeworld-clip-a"), m("shapeworld-clip-b")),
+    ];
     let config = config::parse_str(DEMO_PIPELINE, "pipelines/demo.yaml", &overrides)?;
     let plan = config::plan(config, "pipelines/demo.yaml")?;
     out!("3. running pipelines/demo.yaml")?;
     let summary = engine::run(&plan, &RunOptions { progress: !a.no_progress, ..Default::default() }).await?;
     server.shutdown();
     print_summary(&summary)?;
+    print_examples(&shards, 3)?;
     #[cfg(feature = "query")]
     {
     let sql = "SELECT status, count(*) AS rows, min(reason) AS example_reason FROM shards GROUP BY status ORDER BY rows DESC";
     let batches = crate::query::run_sql(&shards, sql).await?;
     out!("\n4. recap query --shards {} \"{sql}\"", shards.display())?;
     out!("{}", crate::query::format_table(&batches)?)?;
+    }
+    Ok(())
+}
+
+/// The project's fixture models: `models/` in the current directory, or beside an ancestor of
+/// the executable (a checkout's target/ directory).
+fn fixture_models_dir() -> Result<std::path::PathBuf> {
+    let mut candidates = vec![std::path::PathBuf::from("models")];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|d| d.join("models")));
+    }
+    candidates
+        .into_iter()
+        .find(|d| d.join("shapeworld-captioner").is_dir())
+        .map(|d| d.canonicalize().unwrap_or(d))
+        .ok_or_else(|| Error::Usage("the fixture models (models/shapeworld-*) were not found: run the demo from a recap checkout".into()))
+}
+
+/// A few ok rows of the demo's shards: alt-text, synthetic captions and their CLIP scores.
+fn print_examples(shards: &Path, n: usize) -> Result<()> {
+    use arrow::array::{Array, Float32Array, ListArray, StringArray};
+    let Some(first) = std::fs::read_dir(shards)
+        .map_err(|e| Error::io("cannot list", shards, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .min()
+    else {
+        return Ok(());
+    };
+    let (b, _) = crate::sink::read_shard(&first)?;
+    let col = |name: &str| b.column_by_name(name).cloned();
+    let (Some(status), Some(alt), Some(caps), Some(score), Some(syn)) =
+        (col("status"), col("caption"), col("synthetic_captions"), col("clip_score"), col("synthetic_clip_scores"))
+    else {
+        return Ok(());
+    };
+    let status = status.as_any().downcast_ref::<StringArray>().expect("utf8 status");
+    let alt = alt.as_any().downcast_ref::<StringArray>().expect("utf8 caption");
+    let caps = caps.as_any().downcast_ref::<ListArray>().expect("list captions");
+    let score = score.as_any().downcast_ref::<Float32Array>().expect("f32 score");
+    let syn = syn.as_any().downcast_ref::<ListArray>().expect("list scores");
+    out!("\nexamples from {}:", first.display())?;
+    let mut shown = 0;
+    for i in 0..b.num_rows() {
+        if status.value(i) != "ok" || shown == n {
+            continue;
+        }
+        shown += 1;
+        out!("  alt-text  {:<60} score {:.3}", format!("{:?}", alt.value(i)), score.value(i))?;
+        let c = caps.value(i);
+        let c = c.as_any().downcast_ref::<StringArray>().expect("utf8");
+        let sc = syn.value(i);
+        let sc = sc.as_any().downcast_ref::<Float32Array>().expect("f32");
+        for j in 0..c.len() {
+            out!("  synthetic {:<60} score {:.3}", format!("{:?}", c.value(j)), sc.value(j))?;
+        }
+        out!("")?;
     }
     Ok(())
 }

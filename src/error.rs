@@ -66,6 +66,11 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// A model directory cannot be used: a file is missing or unreadable, ONNX Runtime refuses
+    /// it, or its inputs and outputs are not what the stage needs.
+    #[error("model {path}: {message}")]
+    Model { path: String, message: String },
+
     /// A command-line argument or environment variable is wrong.
     #[error("{0}")]
     Usage(String),
@@ -82,6 +87,10 @@ impl Error {
 
     pub fn data(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Data { context: context.into(), source: Box::new(source) }
+    }
+
+    pub fn model(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
+        Error::Model { path: path.as_ref().display().to_string(), message: message.into() }
     }
 
     pub fn input(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {

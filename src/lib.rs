@@ -2,12 +2,15 @@
 //! pass. See `../README.md` for the tour and `DESIGN.md` (in the project's shared notes) for the
 //! data flow. Modules are named for where they sit in that flow.
 
+pub mod augment;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod imaging;
+pub mod models;
 pub mod outcome;
+pub mod reinforce;
 pub mod sink;
 pub mod source;
 

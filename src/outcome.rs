@@ -36,10 +36,13 @@ pub enum Status {
     BadAspect,
     /// Encoding the resized image failed.
     EncodeFailed,
+    /// Processed, then removed by a `filter` threshold (the reason names it); the image is
+    /// dropped, captions and scores are kept.
+    Filtered,
 }
 
 impl Status {
-    pub const ALL: [Status; 14] = [
+    pub const ALL: [Status; 15] = [
         Status::Ok,
         Status::InvalidUrl,
         Status::Blocked,
@@ -54,6 +57,7 @@ impl Status {
         Status::TooSmall,
         Status::BadAspect,
         Status::EncodeFailed,
+        Status::Filtered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +76,7 @@ impl Status {
             Status::TooSmall => "too_small",
             Status::BadAspect => "bad_aspect",
             Status::EncodeFailed => "encode_failed",
+            Status::Filtered => "filtered",
         }
     }
 

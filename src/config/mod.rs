@@ -3,6 +3,7 @@
 //! semantic checks that need the outside world (the input files and their columns) → [`Plan`].
 
 pub mod model;
+pub mod stages;
 pub mod units;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub use model::*;
+pub use stages::*;
 
 use crate::error::{Error, Problem, Problems, Result};
 use crate::source::InputPlan;
@@ -120,6 +122,7 @@ pub fn plan(config: PipelineConfig, label: &str) -> Result<Plan> {
             });
         }
     }
+    stage_problems(&config, &mut problems);
     if config.output.path.trim().is_empty() {
         problems.push(Problem { path: "output.path".into(), message: "empty; expected a directory".into() });
     }
@@ -136,6 +139,59 @@ pub fn plan(config: PipelineConfig, label: &str) -> Result<Plan> {
         config_hash,
         input: input.expect("no problems means the input opened"),
     })
+}
+
+/// Checks of the model stages that the schema cannot express.
+fn stage_problems(config: &PipelineConfig, problems: &mut Vec<Problem>) {
+    let mut dir = |path: String, d: &str| {
+        if !Path::new(d).is_dir() {
+            problems.push(Problem { path, message: format!("{d:?} is not a directory; expected a model directory") });
+        }
+    };
+    if let Some(c) = &config.caption {
+        dir("caption.model".into(), &c.model);
+    }
+    if let Some(s) = &config.score {
+        for (i, t) in s.teachers.iter().enumerate() {
+            dir(format!("score.teachers[{i}]"), t);
+        }
+    }
+    if let Some(c) = &config.caption {
+        if c.decoding == DecodingKind::Greedy && c.num_captions > 1 {
+            problems.push(Problem {
+                path: "caption.num_captions".into(),
+                message: format!("{} captions with greedy decoding would all be the same; expected 1, or decoding: sample or beam", c.num_captions),
+            });
+        }
+        if c.decoding == DecodingKind::Beam && c.num_captions > c.beam_width {
+            problems.push(Problem {
+                path: "caption.num_captions".into(),
+                message: format!("{} is more than caption.beam_width ({}); beam search returns at most beam_width captions", c.num_captions, c.beam_width),
+            });
+        }
+    }
+    if let Some(s) = &config.score {
+        if s.augment.min_scale > s.augment.max_scale {
+            problems.push(Problem { path: "score.augment.min_scale".into(), message: "is more than max_scale".into() });
+        }
+    }
+    if let Some(f) = &config.filter {
+        let scores = [("filter.min_alt_score", f.min_alt_score.is_some()), ("filter.min_best_synthetic_score", f.min_best_synthetic_score.is_some()), ("filter.top_percent", f.top_percent.is_some())];
+        for (path, set) in scores {
+            if set && config.score.is_none() {
+                problems.push(Problem { path: path.into(), message: "needs CLIP scores; add a score stage".into() });
+            }
+        }
+        let synthetic = f.min_best_synthetic_score.is_some() || (f.top_percent.is_some() && f.rank_by == RankBy::BestSyntheticScore);
+        if synthetic && config.caption.is_none() {
+            problems.push(Problem { path: "filter".into(), message: "ranks or thresholds synthetic captions; add a caption stage".into() });
+        }
+        if let (Some(lo), Some(hi)) = (f.min_caption_words, f.max_caption_words) {
+            if lo > hi {
+                problems.push(Problem { path: "filter.min_caption_words".into(), message: format!("{lo} is more than max_caption_words ({hi})") });
+            }
+        }
+    }
 }
 
 /// Every place where `value` breaks the schema.

@@ -19,6 +19,15 @@ pub struct PipelineConfig {
     /// Decoding, checks, resizing and encoding of images.
     #[serde(default)]
     pub image: ImageConfig,
+    /// Synthetic captions from an ONNX captioner (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<super::stages::CaptionConfig>,
+    /// Teacher CLIP ensemble: embeddings of views and captions, CLIP scores (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<super::stages::ScoreConfig>,
+    /// Thresholds on scores, caption length and image size (optional; needs `score` for scores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<super::stages::FilterConfig>,
     /// Where and how shards are written.
     pub output: OutputConfig,
     /// Parallelism of the engine itself.

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::fetch::Fetcher;
 use crate::imaging;
 use crate::outcome::{Outcome, StageSeconds, Status};
+use crate::reinforce::{StageTimes, Stages};
 use crate::sink::{self, schema, ShardStats, ShardWriter};
 use crate::source::InputShard;
 
@@ -66,6 +67,8 @@ enum Job {
 
 struct Ctx {
     fetcher: Fetcher,
+    /// The model stages (caption, score, filter), when the pipeline has any.
+    stages: Option<Arc<Stages>>,
     global: Semaphore,
     pool: rayon::ThreadPool,
     image: Arc<ImageConfig>,
@@ -84,7 +87,10 @@ struct ShardDone {
 pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let start = Instant::now();
     let cfg = &plan.config;
-    let writer = Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version)?);
+    // Models load (and are checked) before any row is fetched.
+    let stages = Stages::load(cfg)?.map(Arc::new);
+    let extra = stages.as_ref().map(|s| s.metadata()).unwrap_or_default();
+    let writer = Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version, extra)?);
     let fetcher = Fetcher::new(&cfg.download).map_err(Error::Internal)?;
     let threads = match cfg.engine.cpu_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -126,6 +132,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
 
     let ctx = Arc::new(Ctx {
         fetcher,
+        stages,
         global: Semaphore::new(cfg.download.concurrency as usize),
         pool,
         image: Arc::new(cfg.image.clone()),
@@ -250,13 +257,19 @@ async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: 
     let start = Instant::now();
     let urls = url_column(&shard.rows)?;
     let outcomes: Vec<Outcome> = futures::future::join_all(urls.into_iter().map(|u| process_row(ctx.clone(), u))).await;
-    let mut stats = ShardStats::from_outcomes(shard.index, &outcomes, &plan.config_hash);
-    let schema = sink::schema::with_passthrough(&plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>());
     let rps = plan.input.rows_per_shard;
     let index = shard.index;
+    let config_hash = plan.config_hash.clone();
+    let input_fields = plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>();
+    let stages = ctx.stages.clone();
     let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
+        let mut outcomes = outcomes;
+        let (reinforced, times) = run_stages(stages.as_deref(), &shard.rows, &mut outcomes)?;
+        let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
+        stats.seconds.caption = times.caption;
+        stats.seconds.score = times.score;
         let t = Instant::now();
-        let batch = sink::build_batch(&schema, index, rps, &shard.rows, &outcomes)?;
+        let batch = shard_batch(stages.as_deref(), &input_fields, index, rps, &shard.rows, &outcomes, &reinforced)?;
         stats.seconds.write = t.elapsed().as_secs_f64();
         stats.seconds.wall = start.elapsed().as_secs_f64();
         writer.write(index, &batch, &mut stats)?;
@@ -265,6 +278,35 @@ async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: 
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
     Ok(ShardDone { shard: index, retried: false, stats, rows_retried: 0, rows_recovered: 0 })
+}
+
+/// Run the model stages over a shard's rows (input columns: url, caption, ...).
+fn run_stages(stages: Option<&Stages>, rows: &RecordBatch, outcomes: &mut [Outcome]) -> Result<(Vec<Option<crate::reinforce::Reinforcement>>, StageTimes)> {
+    let Some(stages) = stages else { return Ok((Vec::new(), StageTimes::default())) };
+    let uids: Vec<Option<String>> = url_column(rows)?.iter().map(|u| u.as_deref().map(sink::url_uid)).collect();
+    let alts = rows.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("caption column is not utf8".into()))?;
+    let alts: Vec<Option<String>> = (0..alts.len()).map(|i| alts.is_valid(i).then(|| alts.value(i).to_string())).collect();
+    stages.run(&uids, &alts, outcomes)
+}
+
+/// The shard's record batch: the plain columns, then the reinforced ones when there are stages.
+fn shard_batch(
+    stages: Option<&Stages>,
+    input_fields: &[arrow::datatypes::Field],
+    index: u64,
+    rps: u64,
+    rows: &RecordBatch,
+    outcomes: &[Outcome],
+    reinforced: &[Option<crate::reinforce::Reinforcement>],
+) -> Result<RecordBatch> {
+    let schema = sink::schema::with_passthrough(input_fields);
+    let batch = sink::build_batch(&schema, index, rps, rows, outcomes)?;
+    let Some(stages) = stages else { return Ok(batch) };
+    let mut fields: Vec<arrow::datatypes::FieldRef> = schema.fields().iter().cloned().collect();
+    fields.extend(stages.fields().into_iter().map(Arc::new));
+    let mut cols = batch.columns().to_vec();
+    cols.extend(stages.columns(reinforced, outcomes)?);
+    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), cols).map_err(|e| Error::data(format!("building shard {index}"), e))
 }
 
 async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index: u64) -> Result<ShardDone> {
@@ -296,17 +338,24 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
         outcomes[i] = o;
     }
     let input_rows = sink::input_rows_from_batch(&batch, &plan.input.schema)?;
-    let schema = batch.schema();
+    let input_fields = plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>();
     let rps = plan.input.rows_per_shard;
     let attempted = redo.len() as u64;
     let config_hash = plan.config_hash.clone();
+    let stages = ctx.stages.clone();
     let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
+        let mut outcomes = outcomes;
+        // The model stages run again over every ok row: seeded by uid, kept rows get the same
+        // captions and views, and shard-level filters see the recovered rows.
+        let (reinforced, times) = run_stages(stages.as_deref(), &input_rows, &mut outcomes)?;
         let t = Instant::now();
-        let new_batch = sink::build_batch(&schema, index, rps, &input_rows, &outcomes)?;
+        let new_batch = shard_batch(stages.as_deref(), &input_fields, index, rps, &input_rows, &outcomes, &reinforced)?;
         let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
         stats.bytes_downloaded = old_stats.bytes_downloaded + new_bytes;
         stats.seconds = old_stats.seconds;
         stats.seconds.stages += new_secs;
+        stats.seconds.caption += times.caption;
+        stats.seconds.score += times.score;
         stats.seconds.write += t.elapsed().as_secs_f64();
         stats.seconds.wall += start.elapsed().as_secs_f64();
         stats.retried.attempted = old_stats.retried.attempted + attempted;

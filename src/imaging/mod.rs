@@ -134,9 +134,10 @@ pub fn dct_scale(w: u32, h: u32, cfg: &ImageConfig) -> u32 {
     for k in [1, 2, 4] {
         let (sw, sh) = (scaled(w, k), scaled(h, k));
         let side = if shorter { sw.min(sh) } else { sw.max(sh) };
-        // Keep a margin of 2x over the target: the resampler then still averages several source
-        // pixels per output pixel, so the result matches a full-size decode to the eye.
-        if side >= need.saturating_mul(2) {
+        // As PIL's `draft()` and libjpeg-turbo's scaled decoding are used: the smallest scale
+        // that still covers the target. The DCT-domain reduction is itself an area average, so
+        // the resampler downstream only finishes the job.
+        if side >= need {
             return k;
         }
     }
@@ -343,9 +344,10 @@ mod tests {
     #[test]
     fn dct_scale_keeps_enough_pixels() {
         let cfg = ImageConfig { size: 256, ..Default::default() };
-        // Numerators over 8: 1200 * 2/8 = 300 < 512, 1200 * 4/8 = 600 >= 512: decode at 1/2.
-        assert_eq!(dct_scale(1600, 1200, &cfg), 4);
-        assert_eq!(dct_scale(4096, 4096, &cfg), 1);
+        // Numerators over 8: 1200 * 1/8 = 150 < 256, 1200 * 2/8 = 300 >= 256: decode at 1/4.
+        assert_eq!(dct_scale(1600, 1200, &cfg), 2);
+        assert_eq!(dct_scale(2048, 2048, &cfg), 1);
+        assert_eq!(dct_scale(600, 520, &cfg), 4);
         assert_eq!(dct_scale(300, 300, &cfg), 8);
     }
 

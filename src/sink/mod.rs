@@ -87,6 +87,11 @@ pub struct ShardStats {
 pub struct SecondsStats {
     #[serde(flatten)]
     pub stages: StageSeconds,
+    /// Model stages, for the whole shard (batched, so not per row).
+    #[serde(default)]
+    pub caption: f64,
+    #[serde(default)]
+    pub score: f64,
     pub write: f64,
     pub wall: f64,
 }
@@ -289,7 +294,7 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub fn new(cfg: &OutputConfig, config_hash: &str, config_json: &str, schema_version: u32) -> Result<Self> {
+    pub fn new(cfg: &OutputConfig, config_hash: &str, config_json: &str, schema_version: u32, extra: Vec<(String, String)>) -> Result<Self> {
         let dir = PathBuf::from(&cfg.path);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create output directory", &dir, e))?;
         let compression = match cfg.compression {
@@ -310,7 +315,10 @@ impl ShardWriter {
                 KeyValue::new("recap.schema_version".into(), schema_version.to_string()),
                 KeyValue::new("recap.config_hash".into(), config_hash.to_string()),
                 KeyValue::new("recap.pipeline".into(), config_json.to_string()),
-            ]))
+            ]
+            .into_iter()
+            .chain(extra.into_iter().map(|(k, v)| KeyValue::new(k, v)))
+            .collect()))
             .build();
         Ok(ShardWriter { dir, props })
     }

@@ -7,6 +7,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use serde::Deserialize;
 
 pub const SHARD_SCHEMA_JSON: &str = include_str!("../../schemas/shard.schema.json");
+pub const REINFORCED_SCHEMA_JSON: &str = include_str!("../../schemas/reinforced.schema.json");
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +23,19 @@ struct SchemaFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReinforcedFile {
+    #[allow(dead_code)]
+    name: String,
+    version: u32,
+    #[allow(dead_code)]
+    description: String,
+    #[allow(dead_code)]
+    after: String,
+    fields: Vec<FieldSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FieldSpec {
     name: String,
     #[serde(rename = "type")]
@@ -29,6 +43,9 @@ struct FieldSpec {
     nullable: bool,
     #[serde(default)]
     description: String,
+    /// Which stage adds the column (reinforced columns only).
+    #[serde(default)]
+    stage: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,15 +57,21 @@ enum TypeSpec {
 }
 
 fn to_field(f: &FieldSpec) -> Field {
-    let mut field = Field::new(&f.name, to_type(&f.ty), f.nullable);
+    to_field_dim(f, 0)
+}
+
+/// `dim` is the size of the `embedding` type (a fixed-size list of float16).
+fn to_field_dim(f: &FieldSpec, dim: i32) -> Field {
+    let mut field = Field::new(&f.name, to_type(&f.ty, dim), f.nullable);
     if !f.description.is_empty() {
         field = field.with_metadata([("description".to_string(), f.description.clone())].into());
     }
     field
 }
 
-fn to_type(t: &TypeSpec) -> DataType {
+fn to_type(t: &TypeSpec, dim: i32) -> DataType {
     match t {
+        TypeSpec::Named(n) if n == "embedding" => DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float16, false)), dim),
         TypeSpec::Named(n) => match n.as_str() {
             "utf8" => DataType::Utf8,
             "binary" => DataType::Binary,
@@ -64,8 +87,8 @@ fn to_type(t: &TypeSpec) -> DataType {
             "float64" => DataType::Float64,
             other => panic!("schemas/shard.schema.json: unknown type {other:?}"),
         },
-        TypeSpec::Struct { r#struct } => DataType::Struct(Fields::from(r#struct.iter().map(to_field).collect::<Vec<_>>())),
-        TypeSpec::List { list } => DataType::List(Arc::new(to_field(list))),
+        TypeSpec::Struct { r#struct } => DataType::Struct(Fields::from(r#struct.iter().map(|f| to_field_dim(f, dim)).collect::<Vec<_>>())),
+        TypeSpec::List { list } => DataType::List(Arc::new(to_field_dim(list, dim))),
     }
 }
 
@@ -99,6 +122,30 @@ pub fn with_passthrough(passthrough: &[Field]) -> SchemaRef {
     fields.extend(passthrough.iter().cloned());
     fields.extend(s.fields[s.passthrough_at..].iter().cloned());
     Arc::new(Schema::new(fields))
+}
+
+/// Version of the reinforced columns' layout.
+pub fn reinforced_version() -> u32 {
+    reinforced_file().version
+}
+
+fn reinforced_file() -> &'static ReinforcedFile {
+    static S: OnceLock<ReinforcedFile> = OnceLock::new();
+    S.get_or_init(|| serde_json::from_str(REINFORCED_SCHEMA_JSON).expect("schemas/reinforced.schema.json parses"))
+}
+
+/// The reinforced columns the configured stages add, with embeddings of width `dim`.
+pub fn reinforced_fields(caption: bool, score: bool, dim: usize) -> Vec<Field> {
+    reinforced_file()
+        .fields
+        .iter()
+        .filter(|f| match f.stage.as_deref() {
+            Some("caption") => caption,
+            Some("score") => score,
+            _ => false,
+        })
+        .map(|f| to_field_dim(f, dim as i32))
+        .collect()
 }
 
 #[cfg(test)]
