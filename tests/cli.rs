@@ -18,6 +18,8 @@ fn demo_runs_end_to_end_and_query_reads_its_shards() {
     for status in ["ok", "http_error", "timeout", "too_large", "too_many_pixels", "opted_out", "too_many_redirects"] {
         assert!(text.contains(status), "demo output lacks {status}:\n{text}");
     }
+    // The model stages ran: example rows with synthetic captions and scores are printed.
+    assert!(text.contains("examples from") && text.contains("synthetic "), "{text}");
     let q = recap(&["query", "--shards", d.join("shards").to_str().unwrap(), "SELECT count(*) AS n FROM shards"]);
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
     assert!(String::from_utf8_lossy(&q.stdout).contains("| 60 |"), "{}", String::from_utf8_lossy(&q.stdout));
@@ -41,7 +43,7 @@ fn schema_commands_print_the_committed_schemas() {
     let out = recap(&["schema", "pipeline"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), std::fs::read_to_string("schemas/pipeline.schema.json").unwrap());
     let shard = String::from_utf8_lossy(&recap(&["schema", "shard"]).stdout).to_string();
-    for col in ["key", "uid", "status", "reason", "image", "sha256", "phash"] {
+    for col in ["key", "uid", "status", "reason", "image", "sha256", "phash", "synthetic_captions", "image_embeddings", "clip_score"] {
         assert!(shard.lines().any(|l| l.starts_with(col)), "{col} missing from:\n{shard}");
     }
 }

@@ -322,3 +322,14 @@ fn models_that_do_not_exist_fail_validation() {
     assert!(err.contains("caption.num_captions"), "{err}");
     assert!(err.contains("filter.min_alt_score: needs CLIP scores"), "{err}");
 }
+
+#[test]
+fn cuda_without_the_gpu_library_is_a_clear_error() {
+    // scripts/fetch-ort.sh fetches the CPU build of ONNX Runtime, which has no CUDA provider.
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        return; // a GPU build may be in use
+    }
+    let o = SessionOptions { device: recap::models::Device::Cuda(0), intra_threads: 1 };
+    let err = Clip::load(&root().join("models/shapeworld-clip-a"), &o).err().expect("CPU build cannot run cuda").to_string();
+    assert!(err.contains("CUDA execution provider") && err.contains("device: cpu"), "{err}");
+}
