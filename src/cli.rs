@@ -335,6 +335,12 @@ async fn demo(a: DemoArgs) -> Result<()> {
     let batches = crate::query::run_sql(&shards, sql).await?;
     out!("\n4. recap query --shards {} \"{sql}\"", shards.display())?;
     out!("{}", crate::query::format_table(&batches)?)?;
+    // Shapeworld records how each alt-text was made: what did the CLIP-score filter keep?
+    let sql = "SELECT noise, count(*) FILTER (WHERE status = 'ok') AS kept, count(*) FILTER (WHERE status = 'filtered') AS filtered, \
+               round(avg(clip_score), 3) AS mean_clip_score FROM shards WHERE clip_score IS NOT NULL GROUP BY noise ORDER BY mean_clip_score DESC";
+    let batches = crate::query::run_sql(&shards, sql).await?;
+    out!("\n5. the alt-text noise kinds shapeworld recorded, against the CLIP-score filter:\n   recap query --shards {} \"{sql}\"", shards.display())?;
+    out!("{}", crate::query::format_table(&batches)?)?;
     }
     Ok(())
 }
