@@ -333,3 +333,48 @@ fn cuda_without_the_gpu_library_is_a_clear_error() {
     let err = Clip::load(&root().join("models/shapeworld-clip-a"), &o).err().expect("CPU build cannot run cuda").to_string();
     assert!(err.contains("CUDA execution provider") && err.contains("device: cpu"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_failed_reinforces_recovered_rows_and_keeps_the_others() {
+    let w = common::world(20, 0, "flaky=3", recap::synth::ServeOptions::default()).await;
+    let out = w.tmp.path().join("shards");
+    let p = common::pipeline(&w, &out, 10, "", "");
+    let m = root().join("models");
+    let extra = format!(
+        "caption:\n  model: {m}/shapeworld-captioner\n  num_captions: 2\n  max_new_tokens: 20\n  intra_threads: 1\nscore:\n  teachers: [{m}/shapeworld-clip-a]\n  augmentations: 1\n  intra_threads: 1\n",
+        m = m.display()
+    );
+    let text = std::fs::read_to_string(&p).unwrap().replace("output:", &format!("{extra}output:"));
+    std::fs::write(&p, text).unwrap();
+    let plan = recap::config::load(&p, &["download.retries=0".into()]).unwrap();
+    let first = recap::engine::run(&plan, &Default::default()).await.unwrap();
+    assert_eq!(first.status.get("http_error"), Some(&3));
+    let captions_before: Vec<Vec<Option<usize>>> = common::read_all(&out).iter().map(|(_, b)| list_lens(b, "synthetic_captions")).collect();
+    let texts_before: Vec<Vec<Option<String>>> = common::read_all(&out).iter().map(|(_, b)| first_captions(b)).collect();
+    let retried = recap::engine::run(&plan, &recap::engine::RunOptions { retry_failed: true, ..Default::default() }).await.unwrap();
+    assert_eq!(retried.rows_recovered, 3);
+    for (s, (_, b)) in common::read_all(&out).iter().enumerate() {
+        let status = common::strings(b, "status");
+        let caps = list_lens(b, "synthetic_captions");
+        let texts = first_captions(b);
+        for i in 0..b.num_rows() {
+            assert_eq!(status[i].as_deref(), Some("ok"));
+            assert_eq!(caps[i], Some(2), "every ok row is reinforced, recovered ones too");
+            if captions_before[s][i].is_some() {
+                assert_eq!(texts[i], texts_before[s][i], "rows kept get the same (seeded) captions");
+            }
+        }
+    }
+}
+
+fn first_captions(b: &arrow::array::RecordBatch) -> Vec<Option<String>> {
+    let a = b.column_by_name("synthetic_captions").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+    (0..a.len())
+        .map(|i| {
+            a.is_valid(i).then(|| {
+                let v = a.value(i);
+                v.as_any().downcast_ref::<arrow::array::StringArray>().unwrap().value(0).to_string()
+            })
+        })
+        .collect()
+}
