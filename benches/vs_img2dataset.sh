@@ -4,7 +4,8 @@
 # Parquet output, 500 rows per shard, the same parallelism (img2dataset: 2 processes x 64 threads).
 # Prints wall time, images/s and peak RSS (whole process tree) of each and the ratios.
 # Usage: bash benches/vs_img2dataset.sh    (N=3000 BENCH_DIR=bench-out PORT=18080 to change;
-#        RECAP_BIN=path/to/recap to use a release binary you already built)
+#        RECAP_BIN=path/to/recap to use a release binary you already built;
+#        RECAP_ARGS="--set image.filter=box" to pass options to recap run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
@@ -60,7 +61,7 @@ i2d=$(python3 benches/peak_rss.py img2dataset -- .venv-bench/bin/img2dataset \
   --url_list "$work/world/urls.parquet" --input_format parquet --url_col url --caption_col caption \
   --output_folder "$work/i2d-out" --processes_count 2 --thread_count 64 --image_size 256 \
   --resize_mode center_crop --output_format parquet --number_sample_per_shard 500 --enable_wandb False)
-rc=$(python3 benches/peak_rss.py recap -- "$recap" run "$work/recap.yaml" --no-progress)
+rc=$(python3 benches/peak_rss.py recap -- "$recap" run "$work/recap.yaml" --no-progress ${RECAP_ARGS:-})
 
 python3 - "$work" "$i2d" "$rc" <<'PY'
 import glob, json, sys
