@@ -67,13 +67,17 @@ impl Default for AugmentSpec {
     }
 }
 
+/// A sample's uid (32 hex digits) as a number; any other text is folded in (FNV-1a), still
+/// deterministic. Every per-sample generator of the model stages starts from this.
+pub fn uid_bits(uid: &str) -> u128 {
+    u128::from_str_radix(uid.get(..32).unwrap_or(uid), 16)
+        .unwrap_or_else(|_| uid.bytes().fold(0xcbf29ce484222325u128, |a, b| (a ^ b as u128).wrapping_mul(0x100000001b3)))
+}
+
 /// A generator for view `view` of the sample whose uid is `uid` (hex), under a run seed.
 pub fn rng_for(uid: &str, view: u32, seed: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
-    let h = u128::from_str_radix(uid.get(..32).unwrap_or(uid), 16).unwrap_or_else(|_| {
-        // Not hex: fold the bytes in (FNV-1a), still deterministic.
-        uid.bytes().fold(0xcbf29ce484222325u128, |a, b| (a ^ b as u128).wrapping_mul(0x100000001b3))
-    });
+    let h = uid_bits(uid);
     key[..16].copy_from_slice(&h.to_le_bytes());
     key[16..24].copy_from_slice(&seed.to_le_bytes());
     key[24..28].copy_from_slice(&view.to_le_bytes());

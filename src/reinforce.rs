@@ -83,10 +83,7 @@ fn decoding(c: &CaptionConfig) -> Decoding {
 
 /// A sample's seed from its uid and the stage seed.
 pub fn sample_seed(uid: &str, seed: u64) -> u64 {
-    let h = u64::from_str_radix(uid.get(..16).unwrap_or(uid), 16).unwrap_or_else(|_| {
-        uid.bytes().fold(0xcbf29ce484222325u64, |a, b| (a ^ b as u64).wrapping_mul(0x100000001b3))
-    });
-    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    ((augment::uid_bits(uid) >> 64) as u64) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn f16s(v: &[f32]) -> impl Iterator<Item = f16> + '_ {

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::hf::{read_json, required, GenerationDefaults, ImageProcessor, TextTokenizer};
-use super::runtime::{check_io, expect, input_shape, open_session, SessionOptions};
+use super::runtime::{check_io, expect, input_shape, open_session, run_err, SessionOptions};
 use crate::error::{Error, Result};
 
 /// When beam search may stop (Hugging Face's `early_stopping`).
@@ -69,10 +69,6 @@ pub struct Captioner {
     pub image_hw: (u32, u32),
     /// Largest number of decoder positions (start token included).
     pub max_positions: usize,
-}
-
-fn run_err(e: impl std::fmt::Display) -> String {
-    format!("ONNX Runtime: {e}")
 }
 
 /// Past key values of the rows in the batch: per KV tensor, [rows, heads, len, head_dim].
@@ -172,13 +168,7 @@ impl Captioner {
         let enc_path = required(dir, "encoder_model.onnx")?;
         let encoder = open_session(&enc_path, opts)?;
         check_io(&enc_path, &encoder, &[expect("pixel_values", T::Float32, 4)], &[expect("last_hidden_state", T::Float32, 3)])?;
-        let (h, w) = processor.output_size(224, 224);
-        if let Some(s) = input_shape(&encoder, "pixel_values") {
-            let ok = |i: usize, want: u32| s.get(i).is_none_or(|d| *d < 0 || *d == want as i64);
-            if !(ok(1, 3) && ok(2, h) && ok(3, w)) {
-                return Err(Error::model(&enc_path, format!("input `pixel_values` has shape {s:?} but preprocessor_config.json makes [N, 3, {h}, {w}]")));
-            }
-        }
+        let (h, w) = processor.check_fits(&enc_path, input_shape(&encoder, "pixel_values"))?;
 
         let merged = dir.join("decoder_model_merged.onnx");
         let decoder_inputs = [expect("input_ids", T::Int64, 2), expect("encoder_hidden_states", T::Float32, 3)];
@@ -232,12 +222,7 @@ impl Captioner {
     }
 
     pub fn pixel_values(&self, images: &[&RgbImage]) -> std::result::Result<Vec<f32>, String> {
-        let (h, w) = self.image_hw;
-        let mut out = Vec::with_capacity(images.len() * 3 * (h * w) as usize);
-        for img in images {
-            self.processor.process_into(img, &mut out)?;
-        }
-        Ok(out)
+        self.processor.batch(images, self.image_hw)
     }
 
     /// Run the encoder: ([n * seq * width], seq, width).

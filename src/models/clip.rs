@@ -9,7 +9,7 @@ use ort::session::Session;
 use ort::value::{Tensor, TensorElementType as T};
 
 use super::hf::{read_json, ImageProcessor, TextTokenizer};
-use super::runtime::{check_io, expect, input_shape, open_session, SessionOptions};
+use super::runtime::{check_io, expect, input_shape, open_session, run_err, SessionOptions};
 use crate::error::{Error, Result};
 
 /// File names accepted for the image and text towers, in order of preference.
@@ -69,10 +69,6 @@ fn l2_normalise(v: &mut [f32], dim: usize) {
     }
 }
 
-fn run_err(e: impl std::fmt::Display) -> String {
-    format!("ONNX Runtime: {e}")
-}
-
 impl Clip {
     /// Load and check a CLIP directory; runs one tiny batch so that a model which loads but
     /// cannot run is refused here, not on the first shard.
@@ -116,16 +112,7 @@ impl Clip {
             (Layout::Towers { image, image_out, text, text_out, has_mask }, shape, ip)
         };
         // The processor's output must fit the graph's pixel_values where the graph fixes it.
-        let (h, w) = processor.output_size(224, 224);
-        if let Some(s) = pixel_shape {
-            let fixed = |i: usize, want: u32| s.get(i).is_none_or(|d| *d < 0 || *d == want as i64);
-            if !(fixed(1, 3) && fixed(2, h) && fixed(3, w)) {
-                return Err(Error::model(
-                    &pixel_path,
-                    format!("input `pixel_values` has shape {s:?} but preprocessor_config.json makes [N, 3, {h}, {w}]"),
-                ));
-            }
-        }
+        let (h, w) = processor.check_fits(&pixel_path, pixel_shape)?;
         let mut clip = Clip { dir: dir.to_path_buf(), layout, processor, tokenizer, dim: 0, image_hw: (h, w) };
         let probe = clip.embed_texts(&["a"]).map_err(|e| Error::model(dir, format!("a one-text test batch failed: {e}")))?;
         clip.dim = probe.len();
@@ -139,12 +126,7 @@ impl Clip {
 
     /// `pixel_values` for a batch, as [n, 3, h, w] float32.
     pub fn pixel_values(&self, images: &[&RgbImage]) -> std::result::Result<Vec<f32>, String> {
-        let (h, w) = self.image_hw;
-        let mut out = Vec::with_capacity(images.len() * 3 * (h * w) as usize);
-        for img in images {
-            self.processor.process_into(img, &mut out)?;
-        }
-        Ok(out)
+        self.processor.batch(images, self.image_hw)
     }
 
     /// L2-normalised image embeddings, [n * dim].

@@ -138,6 +138,27 @@ impl ImageProcessor {
         }
     }
 
+    /// `pixel_values` for a batch, [n, 3, h, w] float32, every image made (h, w) = `hw`.
+    pub fn batch(&self, images: &[&RgbImage], (h, w): (u32, u32)) -> std::result::Result<Vec<f32>, String> {
+        let mut out = Vec::with_capacity(images.len() * 3 * (h * w) as usize);
+        for img in images {
+            self.process_into(img, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Refuse a graph whose static `pixel_values` shape is not what this processor makes.
+    pub fn check_fits(&self, graph: &Path, shape: Option<Vec<i64>>) -> Result<(u32, u32)> {
+        let (h, w) = self.output_size(224, 224);
+        if let Some(s) = shape {
+            let fits = |i: usize, want: u32| s.get(i).is_none_or(|d| *d < 0 || *d == want as i64);
+            if !(fits(1, 3) && fits(2, h) && fits(3, w)) {
+                return Err(Error::model(graph, format!("input `pixel_values` has shape {s:?} but preprocessor_config.json makes [N, 3, {h}, {w}]")));
+            }
+        }
+        Ok((h, w))
+    }
+
     /// Append one image as CHW float32 to `out`.
     pub fn process_into(&self, img: &RgbImage, out: &mut Vec<f32>) -> std::result::Result<(), String> {
         let (w, h) = img.dimensions();

@@ -175,6 +175,11 @@ pub fn check_io(path: &Path, session: &Session, inputs: &[Expect], outputs: &[Ex
     }
 }
 
+/// An ONNX Runtime error, as the text the model stages report.
+pub fn run_err(e: impl std::fmt::Display) -> String {
+    format!("ONNX Runtime: {e}")
+}
+
 /// Static dimensions of a named input (`-1` where dynamic).
 pub fn input_shape(session: &Session, name: &str) -> Option<Vec<i64>> {
     session.inputs().iter().find(|o| o.name() == name).and_then(|o| o.dtype().tensor_shape()).map(|s| s.iter().copied().collect())
