@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use ort::session::Session;
-use ort::value::{DynValue, Tensor, TensorElementType as T};
+use ort::value::{DynValue, Tensor, TensorElementType as T, TensorRef};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -238,31 +238,28 @@ impl Captioner {
     fn step(&mut self, tokens: &[i64], enc: &[f32], enc_shape: (usize, usize), past: Option<Past>) -> std::result::Result<(Vec<f32>, Past), String> {
         let rows = tokens.len();
         let ids = Tensor::from_array(([rows, 1], tokens.to_vec())).map_err(run_err)?;
-        let hidden = Tensor::from_array(([rows, enc_shape.0, enc_shape.1], enc.to_vec())).map_err(run_err)?;
-        let mut inputs: Vec<(std::borrow::Cow<'static, str>, ort::session::SessionInputValue<'static>)> =
+        // The encoder states are lent, not copied; the past is moved in (it is replaced by the
+        // step's `present` anyway).
+        let hidden = TensorRef::from_array_view(([rows, enc_shape.0, enc_shape.1], enc)).map_err(run_err)?;
+        let mut inputs: Vec<(std::borrow::Cow<'static, str>, ort::session::SessionInputValue<'_>)> =
             ort::inputs! { "input_ids" => ids, "encoder_hidden_states" => hidden };
         let with_past = past.is_some();
+        let p = past.unwrap_or_else(|| Past { tensors: self.kv.iter().map(|_| Vec::new()).collect(), len: 0 });
+        let feed_past = matches!(self.decoder, Decoder::Merged(_)) || with_past;
+        if feed_past {
+            for (spec, data) in self.kv.iter().zip(p.tensors) {
+                let t = Tensor::from_array(([rows, spec.heads, p.len, spec.head_dim], data)).map_err(run_err)?;
+                inputs.push((spec.past.clone().into(), t.into()));
+            }
+        }
         let session = match (&mut self.decoder, with_past) {
             (Decoder::Merged(s), _) => {
-                let empty = Past { tensors: self.kv.iter().map(|_| Vec::new()).collect(), len: 0 };
-                let p = past.as_ref().unwrap_or(&empty);
-                for (spec, data) in self.kv.iter().zip(&p.tensors) {
-                    let t = Tensor::from_array(([rows, spec.heads, p.len, spec.head_dim], data.clone())).map_err(run_err)?;
-                    inputs.push((spec.past.clone().into(), t.into()));
-                }
                 let flag = Tensor::from_array(([1usize], vec![with_past])).map_err(run_err)?;
                 inputs.push(("use_cache_branch".into(), flag.into()));
                 s
             }
             (Decoder::Split { first, .. }, false) => first,
-            (Decoder::Split { with_past: s, .. }, true) => {
-                let p = past.as_ref().expect("checked");
-                for (spec, data) in self.kv.iter().zip(&p.tensors) {
-                    let t = Tensor::from_array(([rows, spec.heads, p.len, spec.head_dim], data.clone())).map_err(run_err)?;
-                    inputs.push((spec.past.clone().into(), t.into()));
-                }
-                s
-            }
+            (Decoder::Split { with_past: s, .. }, true) => s,
         };
         let mut out = session.run(inputs).map_err(run_err)?;
         let (shape, data) = out["logits"].try_extract_tensor::<f32>().map_err(run_err)?;
