@@ -14,13 +14,16 @@ fn images(n: usize) -> Vec<RgbImage> {
     (0..n).map(|i| base[i % base.len()].clone()).collect()
 }
 
+/// Seconds per call: after a warm-up, at least `reps` calls and at least 2 s of them.
 fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
     f(); // warm-up
     let t = Instant::now();
-    for _ in 0..reps {
+    let mut n = 0;
+    while n < reps || t.elapsed().as_secs_f64() < 2.0 {
         std::hint::black_box(f());
+        n += 1;
     }
-    t.elapsed().as_secs_f64() / reps as f64
+    t.elapsed().as_secs_f64() / n as f64
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         );
     }
 
+    drop(cap); // its sessions' thread pools must not compete with the next model's
     for name in ["shapeworld-clip-a", "shapeworld-clip-b"] {
         let mut clip = Clip::load(&root.join(name), &opts).unwrap();
         let bs = 64;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # recap's model stages vs onnxruntime in Python, on the same fixture ONNX files, batches and
 # thread count (2): captions/s (greedy; top-p sampling with 5 captions per image) and CLIP
-# embeddings/s (images, texts). Prints both and the ratio recap / Python.
+# embeddings/s (images model-only and with preprocessing; texts from strings, tokenization
+# included on both sides). Each figure is at least 2 s of calls; this VM varies by ~20% run to run.
+# Prints both and the ratio recap / Python.
 # Usage: bash benches/models_vs_python.sh [threads]   (needs tools/fixtures' venv: FIXTURES_VENV)
 set -euo pipefail
 cd "$(dirname "$0")/.."
