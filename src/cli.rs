@@ -348,13 +348,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
 /// The project's fixture models: `models/` in the current directory, or beside an ancestor of
 /// the executable (a checkout's target/ directory).
 fn fixture_models_dir() -> Result<std::path::PathBuf> {
-    let mut candidates = vec![std::path::PathBuf::from("models")];
-    if let Ok(exe) = std::env::current_exe() {
-        candidates.extend(exe.ancestors().skip(1).map(|d| d.join("models")));
-    }
-    candidates
-        .into_iter()
-        .find(|d| d.join("shapeworld-captioner").is_dir())
+    crate::models::runtime::in_checkout("models", |d| d.join("shapeworld-captioner").is_dir())
         .map(|d| d.canonicalize().unwrap_or(d))
         .ok_or_else(|| Error::Usage("the fixture models (models/shapeworld-*) were not found: run the demo from a recap checkout".into()))
 }

@@ -205,6 +205,12 @@ fn augmentation_replay_matches_its_vectors() {
     assert_eq!(got, want, "the augmentation replay changed: bump augment::SPEC_VERSION and rerun with RECAP_BLESS=1");
 }
 
+/// Put model-stage sections (YAML) into a pipeline file, before its `output:`.
+fn add_stages(pipeline: &Path, stages: &str) {
+    let text = std::fs::read_to_string(pipeline).unwrap().replace("output:", &format!("{stages}output:"));
+    std::fs::write(pipeline, text).unwrap();
+}
+
 fn list_lens(b: &arrow::array::RecordBatch, col: &str) -> Vec<Option<usize>> {
     let a = b.column_by_name(col).unwrap_or_else(|| panic!("no column {col}")).as_any().downcast_ref::<ListArray>().unwrap();
     (0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).len())).collect()
@@ -233,8 +239,7 @@ filter:
 "#,
         m = models.display()
     );
-    let text = std::fs::read_to_string(&p).unwrap().replace("output:", &format!("{extra}output:"));
-    std::fs::write(&p, text).unwrap();
+    add_stages(&p, &extra);
     let plan = recap::config::load(&p, &[]).unwrap();
     let summary = recap::engine::run(&plan, &Default::default()).await.unwrap();
     assert_eq!(summary.rows, 24);
@@ -344,8 +349,7 @@ async fn retry_failed_reinforces_recovered_rows_and_keeps_the_others() {
         "caption:\n  model: {m}/shapeworld-captioner\n  num_captions: 2\n  max_new_tokens: 20\n  intra_threads: 1\nscore:\n  teachers: [{m}/shapeworld-clip-a]\n  augmentations: 1\n  intra_threads: 1\n",
         m = m.display()
     );
-    let text = std::fs::read_to_string(&p).unwrap().replace("output:", &format!("{extra}output:"));
-    std::fs::write(&p, text).unwrap();
+    add_stages(&p, &extra);
     let plan = recap::config::load(&p, &["download.retries=0".into()]).unwrap();
     let first = recap::engine::run(&plan, &Default::default()).await.unwrap();
     assert_eq!(first.status.get("http_error"), Some(&3));

@@ -54,6 +54,16 @@ impl Default for SessionOptions {
     }
 }
 
+/// `rel` in the current directory, else beside an ancestor of the executable (a checkout's
+/// `target/` build): the first candidate that `ok` accepts.
+pub fn in_checkout(rel: &str, ok: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    let mut candidates = vec![PathBuf::from(rel)];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).map(|d| d.join(rel)));
+    }
+    candidates.into_iter().find(|p| ok(p))
+}
+
 /// The ONNX Runtime shared library to load: `ORT_DYLIB_PATH`, else `.ort/libonnxruntime.so` in
 /// the current directory or beside an ancestor of the executable (where `scripts/fetch-ort.sh`
 /// puts it in a checkout).
@@ -62,11 +72,7 @@ pub fn library_path() -> std::result::Result<PathBuf, String> {
         let p = PathBuf::from(p);
         return if p.is_file() { Ok(p) } else { Err(format!("ORT_DYLIB_PATH={} does not exist", p.display())) };
     }
-    let mut candidates = vec![PathBuf::from(".ort/libonnxruntime.so")];
-    if let Ok(exe) = std::env::current_exe() {
-        candidates.extend(exe.ancestors().skip(1).map(|d| d.join(".ort/libonnxruntime.so")));
-    }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+    in_checkout(".ort/libonnxruntime.so", |p| p.is_file()).ok_or_else(|| {
         "the ONNX Runtime library was not found: run `bash scripts/fetch-ort.sh` (it puts \
          .ort/libonnxruntime.so in the checkout) or set ORT_DYLIB_PATH to a libonnxruntime.so"
             .to_string()
