@@ -24,6 +24,20 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+
+    // The perceptual hash alone, on decoded sizes a run sees (after reduced decoding).
+    let mut group = c.benchmark_group("phash");
+    for (w, h) in [(400, 300), (800, 600)] {
+        let spec = WorldSpec { count: 1, seed: 1, min_size: (w, h), max_size: (w, h), ..Default::default() };
+        let (img, _, _) = render(&sample(&spec, 0));
+        group.bench_with_input(BenchmarkId::new("phash", format!("{w}x{h}")), &img, |b, img| {
+            b.iter(|| recap::imaging::phash::phash(img))
+        });
+        group.bench_with_input(BenchmarkId::new("box_to_32", format!("{w}x{h}")), &img, |b, img| {
+            b.iter(|| recap::imaging::resize_rgb(img, 32, 32, None, recap::config::ResizeFilter::Box).expect("resizes"))
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench);

@@ -17,6 +17,7 @@ if [ ! -x .venv-bench/bin/img2dataset ]; then
   python3 -m venv .venv-bench
   .venv-bench/bin/pip install -q --disable-pip-version-check img2dataset
 fi
+command -v nasm > /dev/null || echo "note: nasm is not installed, so libjpeg-turbo builds without SIMD (apt-get install nasm)" >&2
 if [ -n "${RECAP_BIN:-}" ]; then
   recap=$RECAP_BIN
 else

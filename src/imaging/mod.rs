@@ -3,6 +3,7 @@
 //! refused before a pixel is decoded), and JPEGs much larger than the target are decoded at
 //! 1/2, 1/4 or 1/8 scale in the DCT domain, as libjpeg-turbo's scaled decoding does.
 
+mod jpeg;
 pub mod phash;
 
 use std::cell::RefCell;
@@ -100,10 +101,7 @@ fn format_name(f: CodecFormat) -> &'static str {
 /// Width and height from the header alone.
 fn header_size(bytes: &[u8], format: CodecFormat) -> Result<(u32, u32), String> {
     if format == CodecFormat::Jpeg {
-        let mut d = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-        d.read_info().map_err(|e| e.to_string())?;
-        let info = d.info().ok_or("no frame header")?;
-        return Ok((info.width as u32, info.height as u32));
+        return jpeg::header_size(bytes);
     }
     ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| e.to_string())
 }
@@ -147,10 +145,9 @@ pub fn dct_scale(w: u32, h: u32, cfg: &ImageConfig) -> u32 {
 fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConfig) -> Result<Decoded, String> {
     if format == CodecFormat::Jpeg {
         let k = dct_scale(w, h, cfg);
-        // jpeg-decoder's scaled path only pays off from 1/4 down: at 1/2 its Huffman decoding
-        // costs more than zune-jpeg's full decode (criterion, 800x600 -> 256: 5.6 ms at 1/2 vs
-        // 4.2 ms full; 1600x1200: 9.7 ms at 1/4 vs 15.1 ms full).
-        if k <= 2 {
+        // Reduced sizes go through libjpeg-turbo's scaled IDCT (PIL's `draft()`); full size through
+        // zune-jpeg, as fast as libjpeg-turbo there and needing no C (benches/imaging.rs).
+        if k < 8 {
             if let Some(d) = decode_jpeg_scaled(bytes, w, h, k)? {
                 return Ok(d);
             }
@@ -168,33 +165,11 @@ fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConf
     Ok(Decoded { rgb: to_rgb_on_white(img), original_width: ow, original_height: oh })
 }
 
-/// Scaled JPEG decode; `None` when the JPEG's colour type needs the general decoder (CMYK, 16-bit).
+/// JPEG decoded at `k`/8 scale by libjpeg-turbo; `None` when the colour space needs the general
+/// decoder (CMYK, YCCK).
 fn decode_jpeg_scaled(bytes: &[u8], w: u32, h: u32, k: u32) -> Result<Option<Decoded>, String> {
-    let mut d = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    d.read_info().map_err(|e| e.to_string())?;
-    let fmt = d.info().ok_or("no frame header")?.pixel_format;
-    if !matches!(fmt, jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8) {
-        return Ok(None);
-    }
-    let req = |len: u32| (len * k).div_ceil(8).min(u16::MAX as u32) as u16;
-    let (sw, sh) = d.scale(req(w), req(h)).map_err(|e| e.to_string())?;
-    let pixels = d.decode().map_err(|e| e.to_string())?;
-    let (sw, sh) = (sw as u32, sh as u32);
-    let rgb = match fmt {
-        jpeg_decoder::PixelFormat::L8 => {
-            let mut out = Vec::with_capacity(pixels.len() * 3);
-            for p in pixels {
-                out.extend_from_slice(&[p, p, p]);
-            }
-            out
-        }
-        _ => pixels,
-    };
-    let img = RgbImage::from_raw(sw, sh, rgb).ok_or("decoded buffer has the wrong size")?;
-    let orientation = d
-        .exif_data()
-        .and_then(image::metadata::Orientation::from_exif_chunk)
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let Some((img, orientation)) = jpeg::decode_scaled(bytes, k)? else { return Ok(None) };
+    let sw = img.width();
     let mut dynimg = DynamicImage::ImageRgb8(img);
     dynimg.apply_orientation(orientation);
     let swapped = dynimg.width() != sw;
@@ -293,9 +268,7 @@ pub fn encode(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<u8>, &'static st
             if w > u16::MAX as u32 || h > u16::MAX as u32 {
                 return Err(format!("{w}x{h} is too large for JPEG (at most 65535 per side)"));
             }
-            let enc = jpeg_encoder::Encoder::new(&mut out, cfg.quality);
-            enc.encode(img.as_raw(), w as u16, h as u16, jpeg_encoder::ColorType::Rgb).map_err(|e| e.to_string())?;
-            Ok((out, "jpg"))
+            Ok((jpeg::encode(img, cfg.quality)?, "jpg"))
         }
         ImageFormat::Png => {
             use image::ImageEncoder;
@@ -365,5 +338,71 @@ mod tests {
         let mut truncated = jpeg(200, 200);
         truncated.truncate(300);
         assert_eq!(process(&truncated, &cfg).unwrap_err().status, Status::DecodeFailed);
+    }
+
+    fn smooth_jpeg(w: u32, h: u32, exif_orientation: Option<u16>) -> Vec<u8> {
+        let wave = |x: u32, y: u32| 128.0 + 100.0 * (x as f32 / 90.0).sin() * (y as f32 / 70.0).cos();
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, wave(x, y) as u8]));
+        let mut out = Vec::new();
+        let mut enc = jpeg_encoder::Encoder::new(&mut out, 90);
+        if let Some(o) = exif_orientation {
+            // A minimal little-endian TIFF with one IFD entry: Orientation (0x0112), SHORT, 1 value.
+            let mut exif = b"Exif\0\0II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+            exif.extend_from_slice(&o.to_le_bytes());
+            exif.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+            enc.add_app_segment(1, exif).unwrap();
+        }
+        enc.encode(img.as_raw(), w as u16, h as u16, jpeg_encoder::ColorType::Rgb).unwrap();
+        out
+    }
+
+    fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+        let da = image::load_from_memory(a).unwrap().into_rgb8();
+        let db = image::load_from_memory(b).unwrap().into_rgb8();
+        assert_eq!(da.dimensions(), db.dimensions());
+        da.as_raw().iter().zip(db.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / da.as_raw().len() as f64
+    }
+
+    #[test]
+    fn scaled_decode_gives_the_full_decode_picture() {
+        let bytes = smooth_jpeg(1024, 768, None);
+        let scaled = ImageConfig { size: 128, min_size: 1, ..Default::default() };
+        assert_eq!(dct_scale(1024, 768, &scaled), 2);
+        let full = ImageConfig { reduced_decode: false, ..scaled.clone() };
+        let (a, b) = (process(&bytes, &scaled).unwrap(), process(&bytes, &full).unwrap());
+        assert_eq!((a.original_width, a.original_height), (1024, 768));
+        let d = mean_abs_diff(&a.image.bytes, &b.image.bytes);
+        assert!(d < 3.0, "scaled and full decodes differ by {d} on average");
+        let hd = phash::distance(a.image.phash, b.image.phash);
+        assert!(hd <= 4, "phash distance {hd}");
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_on_both_decode_paths() {
+        // Orientation 6: the stored 800x400 picture is shown rotated 90 degrees clockwise, 400x800.
+        let bytes = smooth_jpeg(800, 400, Some(6));
+        for reduced in [true, false] {
+            let cfg = ImageConfig { size: 100, min_size: 1, resize: ResizeMode::KeepRatio, reduced_decode: reduced, ..Default::default() };
+            let p = process(&bytes, &cfg).unwrap();
+            assert_eq!((p.original_width, p.original_height), (400, 800), "reduced decode {reduced}");
+            assert_eq!((p.image.width, p.image.height), (100, 200), "reduced decode {reduced}");
+        }
+    }
+
+    #[test]
+    fn truncated_and_corrupt_jpegs_are_refused_on_the_scaled_path() {
+        let cfg = ImageConfig { size: 128, min_size: 1, ..Default::default() };
+        let mut bytes = smooth_jpeg(1024, 768, None);
+        bytes.truncate(bytes.len() / 2);
+        let r = process(&bytes, &cfg).unwrap_err();
+        assert_eq!(r.status, Status::DecodeFailed);
+        assert!(r.reason.contains("truncated"), "{}", r.reason);
+        let mut bytes = smooth_jpeg(1024, 768, None);
+        // A frame header claiming 0 components: libjpeg's fatal error, caught and reported.
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        bytes[sof + 9] = 0;
+        let r = process(&bytes, &cfg).unwrap_err();
+        assert_eq!(r.status, Status::DecodeFailed);
+        assert!(r.reason.starts_with("jpg"), "{}", r.reason);
     }
 }

@@ -1,5 +1,5 @@
 //! 64-bit DCT perceptual hash, after the `imagehash` package's `phash` (hash_size 8,
-//! highfreq_factor 4): grayscale, 32×32, 2-D DCT-II, the 8×8 lowest frequencies compared with
+//! highfreq_factor 4): 32×32 (area average), grayscale, 2-D DCT-II, the 8×8 lowest frequencies compared with
 //! their median. Bits are row-major, the first bit the highest, as imagehash prints them in hex.
 //! Reference: https://github.com/JohannesBuchner/imagehash/blob/master/imagehash/__init__.py
 
@@ -9,7 +9,10 @@ use crate::config::ResizeFilter;
 
 pub fn phash(img: &RgbImage) -> u64 {
     const N: usize = 32;
-    let small = super::resize_rgb(img, N as u32, N as u32, None, ResizeFilter::Lanczos3)
+    // 32x32 by area averaging. imagehash resamples with PIL's Lanczos; only the 8x8 lowest
+    // frequencies are kept, on which the two agree, and the box filter costs a tenth as much
+    // (benches/imaging.rs, phash group: 26 us vs 213 us from 400x300).
+    let small = super::resize_rgb(img, N as u32, N as u32, None, ResizeFilter::Box)
         .unwrap_or_else(|_| RgbImage::new(N as u32, N as u32));
     // PIL's "L" conversion: L = R*299/1000 + G*587/1000 + B*114/1000.
     let gray: Vec<f64> = small

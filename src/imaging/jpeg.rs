@@ -1,0 +1,128 @@
+//! libjpeg-turbo (the decoder inside mozjpeg, built from source by `mozjpeg-sys`) for JPEG headers
+//! and DCT-scaled decoding. libjpeg reports fatal errors by calling `error_exit`, which must not
+//! return: ours unwinds with the formatted message, and [`run`] catches it at this boundary.
+//! Warnings are counted, and a premature end of data refuses the image, as PIL does unless told
+//! to load truncated images (libjpeg would pad the missing rows with grey).
+
+use std::cell::Cell;
+use std::os::raw::c_int;
+
+use image::metadata::Orientation;
+use mozjpeg::ColorSpace as C;
+use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error, JWRN_JPEG_EOF};
+
+thread_local! {
+    static TRUNCATED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn message(cinfo: &mut jpeg_common_struct) -> String {
+    let mut buf = [0u8; 80];
+    // SAFETY: `err` is the error manager libjpeg was created with, alive for the call.
+    unsafe {
+        if let Some(format) = (*cinfo.err).format_message {
+            // libjpeg writes the message into the buffer, which the binding types as shared.
+            type Writes = unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]);
+            let format: Writes = std::mem::transmute(format);
+            format(cinfo, &mut buf);
+        } else {
+            buf[..4].copy_from_slice(b"code");
+        }
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
+    let msg = message(cinfo);
+    std::panic::resume_unwind(Box::new(msg));
+}
+
+extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
+    // SAFETY: as above.
+    if level < 0 && unsafe { (*cinfo.err).msg_code } == JWRN_JPEG_EOF {
+        TRUNCATED.with(|t| t.set(true));
+    }
+}
+
+fn error_mgr() -> jpeg_error_mgr {
+    // SAFETY: jpeg_std_error fills every field of a zeroed manager (all fields are plain data or
+    // nullable function pointers, for which zero is None).
+    let mut err: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { jpeg_std_error(&mut err) };
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    err
+}
+
+/// Runs libjpeg, turning its errors (returned or unwound) into a message.
+fn run<T>(f: impl FnOnce() -> std::io::Result<T>) -> Result<T, String> {
+    TRUNCATED.with(|t| t.set(false));
+    let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(payload) => Err(payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "libjpeg failed".into())),
+    };
+    if r.is_ok() && TRUNCATED.with(|t| t.get()) {
+        return Err("premature end of JPEG data (truncated file)".into());
+    }
+    r
+}
+
+/// Width and height from the JPEG header.
+pub fn header_size(bytes: &[u8]) -> Result<(u32, u32), String> {
+    run(|| {
+        let d = mozjpeg::Decompress::with_err(error_mgr()).from_mem(bytes)?;
+        Ok((d.width() as u32, d.height() as u32))
+    })
+}
+
+/// A JPEG decoded at `k`/8 of its size (k in 1..=8) to RGB, with its EXIF orientation; `None`
+/// when the colour space needs the general decoder (CMYK, YCCK).
+pub fn decode_scaled(bytes: &[u8], k: u32) -> Result<Option<(image::RgbImage, Orientation)>, String> {
+    let decoded = run(|| {
+        let mut d = mozjpeg::Decompress::with_err(error_mgr()).with_markers(&[mozjpeg::Marker::APP(1)]).from_mem(bytes)?;
+        if !matches!(d.color_space(), C::JCS_YCbCr | C::JCS_GRAYSCALE | C::JCS_RGB) {
+            return Ok(None);
+        }
+        let orientation = d
+            .markers()
+            .filter(|m| m.marker == mozjpeg::Marker::APP(1))
+            .find_map(|m| m.data.strip_prefix(b"Exif\0\0").and_then(Orientation::from_exif_chunk))
+            .unwrap_or(Orientation::NoTransforms);
+        d.scale(k.clamp(1, 8) as u8);
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let pixels: Vec<u8> = started.read_scanlines()?;
+        if pixels.len() != (w as usize) * (h as usize) * 3 {
+            let rows = pixels.len() / (w as usize * 3).max(1);
+            return Err(std::io::Error::other(format!("image data ends after {rows} of {h} rows")));
+        }
+        // What follows the last scan (trailing bytes, a missing EOI) is no reason to refuse it.
+        let _ = started.finish();
+        Ok(Some((pixels, w, h, orientation)))
+    })?;
+    let Some((pixels, w, h, orientation)) = decoded else { return Ok(None) };
+    let img = image::RgbImage::from_raw(w, h, pixels).ok_or("decoded buffer has the wrong size")?;
+    Ok(Some((img, orientation)))
+}
+
+/// RGB to a baseline JPEG (4:2:0, standard Huffman tables) at `quality`, by libjpeg-turbo's
+/// encoder with its SIMD colour conversion and DCT: the bytes libjpeg-turbo (and so OpenCV and
+/// PIL) would write.
+pub fn encode(img: &image::RgbImage, quality: u8) -> Result<Vec<u8>, String> {
+    let (w, h) = img.dimensions();
+    run(|| {
+        let mut c = mozjpeg::Compress::new_err(Box::new(error_mgr()), C::JCS_RGB);
+        // libjpeg v6 defaults (no trellis quantisation, no progressive scans): mozjpeg's own
+        // defaults make smaller files at several times the CPU.
+        c.set_fastest_defaults();
+        c.set_size(w as usize, h as usize);
+        c.set_quality(quality.clamp(1, 100) as f32);
+        let mut started = c.start_compress(Vec::with_capacity((w * h / 4) as usize))?;
+        started.write_scanlines(img.as_raw())?;
+        started.finish()
+    })
+}
