@@ -281,4 +281,6 @@ async fn pyarrow_and_duckdb_read_the_shards() {
     let ok = summary.status["ok"];
     assert_eq!(v["pyarrow_images_with_bytes"], ok);
     assert_eq!(v["duckdb_ok_with_hashes"], ok);
+    assert_eq!(v["codecs"]["image.bytes"], serde_json::json!(["UNCOMPRESSED"]));
+    assert_eq!(v["codecs"]["other"], serde_json::json!(["ZSTD"]));
 }

@@ -307,8 +307,13 @@ impl ShardWriter {
             Compression::Snappy => parquet::basic::Compression::SNAPPY,
             Compression::None => parquet::basic::Compression::UNCOMPRESSED,
         };
+        // Encoded images do not compress: no codec, dictionary or min/max statistics for their bytes.
+        let image_bytes = parquet::schema::types::ColumnPath::new(vec!["image".into(), "bytes".into()]);
         let props = WriterProperties::builder()
             .set_compression(compression)
+            .set_column_compression(image_bytes.clone(), parquet::basic::Compression::UNCOMPRESSED)
+            .set_column_dictionary_enabled(image_bytes.clone(), false)
+            .set_column_statistics_enabled(image_bytes, parquet::file::properties::EnabledStatistics::None)
             .set_max_row_group_row_count(Some(512))
             .set_key_value_metadata(Some(vec![
                 KeyValue::new("recap.version".into(), env!("CARGO_PKG_VERSION").to_string()),

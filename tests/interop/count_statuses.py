@@ -9,6 +9,7 @@ import sys
 
 import duckdb
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 shard_dir = sys.argv[1]
 files = sorted(glob.glob(os.path.join(shard_dir, "*.parquet")))
@@ -30,4 +31,15 @@ phash_ok = con.execute(
     "SELECT count(*) FROM read_parquet(?) WHERE status = 'ok' AND phash IS NOT NULL AND length(sha256) = 64", [files]
 ).fetchone()[0]
 
-print(json.dumps({"pyarrow": by_pyarrow, "duckdb": by_duckdb, "pyarrow_images_with_bytes": with_bytes, "duckdb_ok_with_hashes": phash_ok}))
+# Codecs per column chunk, as the file records them: image bytes stored as they are, the rest zstd.
+codecs = {}
+for f in files:
+    md = pq.read_metadata(f)
+    for g in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(g).column(c)
+            kind = "image.bytes" if col.path_in_schema == "image.bytes" else "other"
+            codecs.setdefault(kind, set()).add(col.compression)
+
+print(json.dumps({"pyarrow": by_pyarrow, "duckdb": by_duckdb, "pyarrow_images_with_bytes": with_bytes,
+                  "duckdb_ok_with_hashes": phash_ok, "codecs": {k: sorted(v) for k, v in codecs.items()}}))
