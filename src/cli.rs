@@ -225,6 +225,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Schema { which: SchemaKind::Shard } => {
             let schema = crate::sink::schema::with_passthrough(&[]);
             out!("# recap shard schema, version {} (input.passthrough columns go after `caption`)", crate::sink::schema::shard_schema().version)?;
+            // Width 0 stands for D, which the models fix at run time.
             let reinforced = crate::sink::schema::reinforced_fields(true, true, 0);
             let mut fields: Vec<arrow::datatypes::Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
             fields.extend(reinforced);
@@ -233,7 +234,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     out!("# reinforced columns, version {} (caption stage: synthetic_captions; score stage: the rest; D = the teachers' dimensions added up)", crate::sink::schema::reinforced_version())?;
                 }
                 let doc = f.metadata().get("description").cloned().unwrap_or_default();
-                out!("{:<16} {:<40} {}  {}", f.name(), format!("{}", f.data_type()), if f.is_nullable() { "null" } else { "not null" }, doc)?;
+                out!("{:<22} {:<44} {:<8} {}", f.name(), type_name(f.data_type()), if f.is_nullable() { "null" } else { "not null" }, doc)?;
             }
             Ok(())
         }
@@ -428,4 +429,24 @@ pub fn print_summary(s: &RunSummary) -> Result<()> {
         s.bytes_written as f64 / 1e6,
         Path::new(&s.output_dir).display()
     )
+}
+
+/// A compact spelling of an Arrow type for `recap schema shard`: nested fields by name and type
+/// (their descriptions live in schemas/), embeddings as `fixed_size_list<float16, D>`.
+fn type_name(t: &arrow::datatypes::DataType) -> String {
+    use arrow::datatypes::DataType as T;
+    match t {
+        T::Struct(fields) => {
+            let inner: Vec<String> = fields.iter().map(|f| format!("{}: {}", f.name(), type_name(f.data_type()))).collect();
+            format!("struct<{}>", inner.join(", "))
+        }
+        T::List(f) | T::LargeList(f) => format!("list<{}>", type_name(f.data_type())),
+        T::FixedSizeList(f, n) => {
+            let n = if *n == 0 { "D".to_string() } else { n.to_string() };
+            format!("fixed_size_list<{}, {n}>", type_name(f.data_type()))
+        }
+        T::Utf8 | T::LargeUtf8 => "utf8".into(),
+        T::Binary | T::LargeBinary => "binary".into(),
+        other => other.to_string().to_lowercase(),
+    }
 }

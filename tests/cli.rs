@@ -46,4 +46,7 @@ fn schema_commands_print_the_committed_schemas() {
     for col in ["key", "uid", "status", "reason", "image", "sha256", "phash", "synthetic_captions", "image_embeddings", "clip_score"] {
         assert!(shard.lines().any(|l| l.starts_with(col)), "{col} missing from:\n{shard}");
     }
+    let line = |col: &str| shard.lines().find(|l| l.starts_with(&format!("{col} "))).unwrap_or_default().to_string();
+    assert!(line("image").contains("struct<bytes: binary, path: utf8>"), "{}", line("image"));
+    assert!(line("image_embeddings").contains("list<fixed_size_list<float16, D>>"), "{}", line("image_embeddings"));
 }
