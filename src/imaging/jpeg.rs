@@ -77,6 +77,14 @@ pub fn header_size(bytes: &[u8]) -> Result<(u32, u32), String> {
         let d = mozjpeg::Decompress::with_err(error_mgr()).from_mem(bytes)?;
         Ok((d.width() as u32, d.height() as u32))
     })
+    .map_err(|e| {
+        // What libjpeg says when a marker segment runs past the end of the data.
+        if e.contains("Input file read error") {
+            format!("the data ends inside the header, a damaged or cut file (libjpeg: {e})")
+        } else {
+            e
+        }
+    })
 }
 
 /// A JPEG decoded at `k`/8 of its size (k in 1..=8) to RGB, with its EXIF orientation; `None`

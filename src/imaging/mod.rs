@@ -404,5 +404,16 @@ mod tests {
         let r = process(&bytes, &cfg).unwrap_err();
         assert_eq!(r.status, Status::DecodeFailed);
         assert!(r.reason.starts_with("jpg"), "{}", r.reason);
+        let mut bytes = smooth_jpeg(1024, 768, None);
+        bytes.truncate(200);
+        let r = process(&bytes, &cfg).unwrap_err();
+        assert_eq!(r.status, Status::DecodeFailed);
+        assert!(r.reason.contains("missing SOS marker"), "{}", r.reason);
+        // A marker segment longer than the file (what `recap synth --corrupt` writes, in short).
+        let mut bytes = vec![0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF];
+        bytes.extend([0u8; 100]);
+        let r = process(&bytes, &cfg).unwrap_err();
+        assert_eq!(r.status, Status::DecodeFailed);
+        assert!(r.reason.contains("damaged or cut file"), "{}", r.reason);
     }
 }
