@@ -1,8 +1,9 @@
 //! libjpeg-turbo (the decoder inside mozjpeg, built from source by `mozjpeg-sys`) for JPEG headers
 //! and DCT-scaled decoding. libjpeg reports fatal errors by calling `error_exit`, which must not
 //! return: ours unwinds with the formatted message, and [`run`] catches it at this boundary.
-//! Warnings are counted, and a premature end of data refuses the image, as PIL does unless told
-//! to load truncated images (libjpeg would pad the missing rows with grey).
+//! A premature end of the image data refuses the image, as PIL does unless told to load truncated
+//! images (libjpeg would pad the missing rows with grey). A missing end-of-image marker reads the
+//! same to libjpeg, and is refused too.
 
 use std::cell::Cell;
 use std::os::raw::c_int;
@@ -57,18 +58,14 @@ fn error_mgr() -> jpeg_error_mgr {
 /// Runs libjpeg, turning its errors (returned or unwound) into a message.
 fn run<T>(f: impl FnOnce() -> std::io::Result<T>) -> Result<T, String> {
     TRUNCATED.with(|t| t.set(false));
-    let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(payload) => Err(payload
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "libjpeg failed".into())),
-    };
-    if r.is_ok() && TRUNCATED.with(|t| t.get()) {
-        return Err("premature end of JPEG data (truncated file)".into());
     }
-    r
 }
 
 /// Width and height from the JPEG header.
@@ -104,11 +101,15 @@ pub fn decode_scaled(bytes: &[u8], k: u32) -> Result<Option<(image::RgbImage, Or
         let mut started = d.rgb()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
         let pixels: Vec<u8> = started.read_scanlines()?;
+        // The data ran out before the last row: libjpeg warned and padded the rest.
+        if TRUNCATED.with(|t| t.get()) {
+            return Err(std::io::Error::other("premature end of JPEG data (truncated file)"));
+        }
         if pixels.len() != (w as usize) * (h as usize) * 3 {
             let rows = pixels.len() / (w as usize * 3).max(1);
             return Err(std::io::Error::other(format!("image data ends after {rows} of {h} rows")));
         }
-        // What follows the last scan (trailing bytes, a missing EOI) is no reason to refuse it.
+        // Bytes after the end-of-image marker are no reason to refuse the image.
         let _ = started.finish();
         Ok(Some((pixels, w, h, orientation)))
     })?;

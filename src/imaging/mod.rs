@@ -1,7 +1,7 @@
 //! Decode, check, resize, encode and hash one downloaded image. This is where a run spends its
 //! CPU, so it avoids work it can: the checks read only the header (a decompression bomb is
 //! refused before a pixel is decoded), and JPEGs much larger than the target are decoded at
-//! 1/2, 1/4 or 1/8 scale in the DCT domain, as libjpeg-turbo's scaled decoding does.
+//! 1/2, 1/4 or 1/8 scale in the DCT domain by libjpeg-turbo (`jpeg.rs`).
 
 mod jpeg;
 pub mod phash;
@@ -262,7 +262,8 @@ pub fn resize(src: RgbImage, cfg: &ImageConfig) -> Result<RgbImage, String> {
 /// Encode to the configured format.
 pub fn encode(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<u8>, &'static str), String> {
     let (w, h) = img.dimensions();
-    let mut out = Vec::with_capacity((w * h / 4) as usize);
+    // The JPEG encoder allocates its own output; only the `image` encoders write into this.
+    let mut out = || Vec::with_capacity((w * h / 4) as usize);
     match cfg.format {
         ImageFormat::Jpeg => {
             if w > u16::MAX as u32 || h > u16::MAX as u32 {
@@ -272,6 +273,7 @@ pub fn encode(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<u8>, &'static st
         }
         ImageFormat::Png => {
             use image::ImageEncoder;
+            let mut out = out();
             let enc = image::codecs::png::PngEncoder::new_with_quality(
                 &mut out,
                 image::codecs::png::CompressionType::Fast,
@@ -281,6 +283,7 @@ pub fn encode(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<u8>, &'static st
             Ok((out, "png"))
         }
         ImageFormat::Webp => {
+            let mut out = out();
             let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
             enc.encode(img.as_raw(), w, h, image::ExtendedColorType::Rgb8).map_err(|e| e.to_string())?;
             Ok((out, "webp"))
@@ -415,5 +418,12 @@ mod tests {
         let r = process(&bytes, &cfg).unwrap_err();
         assert_eq!(r.status, Status::DecodeFailed);
         assert!(r.reason.contains("damaged or cut file"), "{}", r.reason);
+        // Without its end-of-image marker the last rows' data cannot be told from a cut: refused,
+        // as PIL refuses it.
+        let mut bytes = smooth_jpeg(1024, 768, None);
+        assert_eq!(bytes[bytes.len() - 2..], [0xFF, 0xD9]);
+        bytes.truncate(bytes.len() - 2);
+        let r = process(&bytes, &cfg).unwrap_err();
+        assert!(r.reason.contains("truncated"), "{}", r.reason);
     }
 }
