@@ -1,5 +1,5 @@
 //! The model stages on a shard: caption → score → filter, run on the shard's ok rows once they
-//! are all downloaded and encoded. The stages read the stored (encoded, resized) image, which is
+//! are all downloaded and encoded, a chunk of rows at a time. The stages read the stored (encoded, resized) image, which is
 //! what the trainer will read too, so the teachers' targets match the student's inputs.
 
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,9 @@ pub struct Stages {
     /// (model directory, width) per teacher, in concatenation order.
     pub teachers: Vec<(String, usize)>,
 }
+
+/// Rows whose stored images are decoded and run through the model stages together.
+const CHUNK_ROWS: usize = 256;
 
 /// Time spent in the model stages on one shard.
 #[derive(Debug, Clone, Copy, Default)]
@@ -153,66 +156,71 @@ impl Stages {
     pub fn run(&self, uids: &[Option<String>], alts: &[Option<String>], outcomes: &mut [Outcome]) -> Result<(Vec<Option<Reinforcement>>, StageTimes)> {
         let mut times = StageTimes::default();
         let mut out: Vec<Option<Reinforcement>> = vec![None; outcomes.len()];
-        // Decode the stored images of the ok rows.
-        let mut rows = Vec::new();
-        let mut images: Vec<RgbImage> = Vec::new();
-        for (i, o) in outcomes.iter_mut().enumerate() {
-            if o.status != Status::Ok {
-                continue;
-            }
-            let Some(img) = &o.image else { continue };
-            match image::load_from_memory(&img.bytes) {
-                Ok(d) => {
-                    rows.push(i);
-                    images.push(d.to_rgb8());
-                }
-                Err(e) => {
-                    o.status = Status::DecodeFailed;
-                    o.reason = Some(format!("the stored image does not decode for the model stages: {e}"));
-                    o.image = None;
-                }
-            }
-        }
-        for &i in &rows {
-            out[i] = Some(Reinforcement::default());
-        }
-        let uid = |i: usize| uids[i].as_deref().unwrap_or("");
-
-        if let Some(c) = &self.caption {
-            let t = Instant::now();
-            let mut model = c.model.lock().map_err(|_| Error::Internal("captioner lock poisoned".into()))?;
-            let opts = GenerateOptions {
-                decoding: decoding(&c.cfg),
-                num_captions: c.cfg.num_captions as usize,
-                max_new_tokens: c.cfg.max_new_tokens as usize,
-            };
-            let bs = c.cfg.batch_size as usize;
-            for (chunk_rows, chunk_imgs) in rows.chunks(bs).zip(images.chunks(bs)) {
-                let refs: Vec<&RgbImage> = chunk_imgs.iter().collect();
-                let seeds: Vec<u64> = chunk_rows.iter().map(|&i| sample_seed(uid(i), c.cfg.seed)).collect();
-                let gen = model.generate(&refs, &seeds, &opts).map_err(|e| Error::model(&c.cfg.model, e))?;
-                for (&i, seqs) in chunk_rows.iter().zip(gen) {
-                    let texts = seqs
-                        .iter()
-                        .map(|s| model.decode(s, c.cfg.cut_at_period))
-                        .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|e| Error::model(&c.cfg.model, e))?;
-                    out[i].as_mut().expect("ok row").captions = Some(texts);
+        let ok: Vec<usize> = (0..outcomes.len()).filter(|&i| outcomes[i].status == Status::Ok && outcomes[i].image.is_some()).collect();
+        // The stored images are decoded a chunk of rows at a time and dropped once captioned and
+        // scored, so memory follows the chunk, not the shard.
+        for chunk in ok.chunks(CHUNK_ROWS) {
+            let mut rows = Vec::with_capacity(chunk.len());
+            let mut images: Vec<RgbImage> = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let o = &mut outcomes[i];
+                let Some(img) = &o.image else { continue };
+                match image::load_from_memory(&img.bytes) {
+                    Ok(d) => {
+                        rows.push(i);
+                        images.push(d.to_rgb8());
+                    }
+                    Err(e) => {
+                        o.status = Status::DecodeFailed;
+                        o.reason = Some(format!("the stored image does not decode for the model stages: {e}"));
+                        o.image = None;
+                    }
                 }
             }
-            times.caption = t.elapsed().as_secs_f64();
+            for &i in &rows {
+                out[i] = Some(Reinforcement::default());
+            }
+            if let Some(c) = &self.caption {
+                let t = Instant::now();
+                self.caption(c, &rows, &images, uids, &mut out)?;
+                times.caption += t.elapsed().as_secs_f64();
+            }
+            if let Some(s) = &self.score {
+                let t = Instant::now();
+                self.score(s, &rows, &images, uids, alts, &mut out)?;
+                times.score += t.elapsed().as_secs_f64();
+            }
         }
-
-        if let Some(s) = &self.score {
-            let t = Instant::now();
-            self.score(s, &rows, &images, uids, alts, &mut out)?;
-            times.score = t.elapsed().as_secs_f64();
-        }
-
+        // Filters last, over the whole shard: top-k% ranks every row.
         if let Some(f) = &self.filter {
             filter(f, alts, outcomes, &mut out);
         }
         Ok((out, times))
+    }
+
+    fn caption(&self, c: &CaptionStage, rows: &[usize], images: &[RgbImage], uids: &[Option<String>], out: &mut [Option<Reinforcement>]) -> Result<()> {
+        let uid = |i: usize| uids[i].as_deref().unwrap_or("");
+        let mut model = c.model.lock().map_err(|_| Error::Internal("captioner lock poisoned".into()))?;
+        let opts = GenerateOptions {
+            decoding: decoding(&c.cfg),
+            num_captions: c.cfg.num_captions as usize,
+            max_new_tokens: c.cfg.max_new_tokens as usize,
+        };
+        let bs = c.cfg.batch_size as usize;
+        for (chunk_rows, chunk_imgs) in rows.chunks(bs).zip(images.chunks(bs)) {
+            let refs: Vec<&RgbImage> = chunk_imgs.iter().collect();
+            let seeds: Vec<u64> = chunk_rows.iter().map(|&i| sample_seed(uid(i), c.cfg.seed)).collect();
+            let gen = model.generate(&refs, &seeds, &opts).map_err(|e| Error::model(&c.cfg.model, e))?;
+            for (&i, seqs) in chunk_rows.iter().zip(gen) {
+                let texts = seqs
+                    .iter()
+                    .map(|s| model.decode(s, c.cfg.cut_at_period))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| Error::model(&c.cfg.model, e))?;
+                out[i].as_mut().expect("ok row").captions = Some(texts);
+            }
+        }
+        Ok(())
     }
 
     fn score(

@@ -165,6 +165,9 @@ pub enum ImageFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeFilter {
+    /// `box` (area average) when shrinking, `lanczos3` when enlarging: img2dataset's
+    /// INTER_AREA / INTER_LANCZOS4 choice.
+    Auto,
     Nearest,
     Box,
     Bilinear,
@@ -208,7 +211,7 @@ impl Default for ImageConfig {
         ImageConfig {
             size: 256,
             resize: ResizeMode::CenterCrop,
-            filter: ResizeFilter::Lanczos3,
+            filter: ResizeFilter::Auto,
             format: ImageFormat::Jpeg,
             quality: 90,
             min_size: 64,

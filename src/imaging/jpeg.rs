@@ -135,3 +135,51 @@ pub fn encode(img: &image::RgbImage, quality: u8) -> Result<Vec<u8>, String> {
         started.finish()
     })
 }
+
+/// Whether a JPEG's marker structure runs to its end-of-image marker, read without decoding:
+/// marker segments are skipped by their lengths (so an EXIF thumbnail's own markers are never
+/// seen), and entropy-coded data is scanned for the next marker, where `FF 00` is a stuffed byte
+/// and `FF D0..D7` restart markers. A cut file runs out first. This is what tells a truncated
+/// file from a whole one for decoders that pad missing rows silently (zune-jpeg); libjpeg's
+/// scaled path reports it by itself.
+pub fn is_complete(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // Fill bytes (any number of FF) may precede a marker.
+        while i < bytes.len() && bytes[i] != 0xFF {
+            i += 1;
+        }
+        while i < bytes.len() && bytes[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = bytes.get(i) else { return false };
+        i += 1;
+        match marker {
+            0xD9 => return true,
+            // Standalone markers, no length.
+            0x01 | 0xD0..=0xD7 | 0xD8 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize) else { return false };
+        if len < 2 || i + len > bytes.len() {
+            return false;
+        }
+        i += len;
+        if marker == 0xDA {
+            // Entropy-coded data: runs until an FF that is neither stuffing nor a restart marker.
+            loop {
+                let Some(off) = bytes[i..].iter().position(|&b| b == 0xFF) else { return false };
+                i += off;
+                match bytes.get(i + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}

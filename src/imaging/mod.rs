@@ -160,6 +160,12 @@ fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConf
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    // zune-jpeg pads a cut file with grey rows and says nothing: refuse it as the scaled path
+    // (and PIL) do, so both paths agree on what is truncated. Checked after decoding, so that
+    // damaged headers keep the decoder's own message.
+    if format == CodecFormat::Jpeg && !jpeg::is_complete(bytes) {
+        return Err("premature end of JPEG data (truncated file)".into());
+    }
     img.apply_orientation(orientation);
     let (ow, oh) = (img.width(), img.height());
     Ok(Decoded { rgb: to_rgb_on_white(img), original_width: ow, original_height: oh })
@@ -195,9 +201,11 @@ pub fn to_rgb_on_white(img: DynamicImage) -> RgbImage {
     RgbImage::from_raw(w, h, out).expect("sizes match")
 }
 
-fn fir_alg(f: ResizeFilter) -> fir::ResizeAlg {
+fn fir_alg(f: ResizeFilter, shrinking: bool) -> fir::ResizeAlg {
     use fir::FilterType as F;
     match f {
+        ResizeFilter::Auto if shrinking => fir::ResizeAlg::Convolution(F::Box),
+        ResizeFilter::Auto => fir::ResizeAlg::Convolution(F::Lanczos3),
         ResizeFilter::Nearest => fir::ResizeAlg::Nearest,
         ResizeFilter::Box => fir::ResizeAlg::Convolution(F::Box),
         ResizeFilter::Bilinear => fir::ResizeAlg::Convolution(F::Bilinear),
@@ -220,7 +228,9 @@ pub fn resize_rgb(src: &RgbImage, dw: u32, dh: u32, crop: Option<(f64, f64, f64,
     }
     let src_view = fir::images::ImageRef::new(sw, sh, src.as_raw(), fir::PixelType::U8x3).map_err(|e| e.to_string())?;
     let mut dst = fir::images::Image::new(dw, dh, fir::PixelType::U8x3);
-    let mut opts = fir::ResizeOptions::new().resize_alg(fir_alg(filter));
+    let (cw, ch) = crop.map_or((sw as f64, sh as f64), |c| (c.2, c.3));
+    let shrinking = (dw as f64) < cw && (dh as f64) < ch;
+    let mut opts = fir::ResizeOptions::new().resize_alg(fir_alg(filter, shrinking));
     if let Some((x, y, cw, ch)) = crop {
         opts = opts.crop(x, y, cw, ch);
     }
@@ -263,7 +273,7 @@ pub fn resize(src: RgbImage, cfg: &ImageConfig) -> Result<RgbImage, String> {
 pub fn encode(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<u8>, &'static str), String> {
     let (w, h) = img.dimensions();
     // The JPEG encoder allocates its own output; only the `image` encoders write into this.
-    let mut out = || Vec::with_capacity((w * h / 4) as usize);
+    let out = || Vec::with_capacity((w * h / 4) as usize);
     match cfg.format {
         ImageFormat::Jpeg => {
             if w > u16::MAX as u32 || h > u16::MAX as u32 {
@@ -390,6 +400,46 @@ mod tests {
             assert_eq!((p.original_width, p.original_height), (400, 800), "reduced decode {reduced}");
             assert_eq!((p.image.width, p.image.height), (100, 200), "reduced decode {reduced}");
         }
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused_on_both_decode_paths() {
+        for reduced in [true, false] {
+            let cfg = ImageConfig { size: 128, min_size: 1, reduced_decode: reduced, ..Default::default() };
+            let whole = smooth_jpeg(1024, 768, Some(6));
+            assert!(jpeg::is_complete(&whole));
+            process(&whole, &cfg).unwrap();
+            // Trailing bytes after the end-of-image marker are kept.
+            let mut trailing = whole.clone();
+            trailing.extend_from_slice(b"\0\0junk");
+            process(&trailing, &cfg).unwrap();
+            for cut in [whole.len() / 2, whole.len() - 2, whole.len() - 1] {
+                let r = process(&whole[..cut], &cfg).unwrap_err();
+                assert_eq!(r.status, Status::DecodeFailed);
+                assert!(r.reason.contains("truncated"), "reduced {reduced}, cut at {cut}: {}", r.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn jpeg_completeness_follows_progressive_scans_and_restart_markers() {
+        let img = RgbImage::from_fn(300, 200, |x, y| image::Rgb([(x % 256) as u8, (y * 7 % 256) as u8, ((x ^ y) % 256) as u8]));
+        let encode = |progressive: bool, restart: u16| {
+            let mut out = Vec::new();
+            let mut enc = jpeg_encoder::Encoder::new(&mut out, 95);
+            enc.set_progressive(progressive);
+            enc.set_restart_interval(restart);
+            enc.encode(img.as_raw(), 300, 200, jpeg_encoder::ColorType::Rgb).unwrap();
+            out
+        };
+        let turbo = jpeg::encode(&img, 90).unwrap();
+        for bytes in [encode(false, 0), encode(true, 0), encode(false, 4), turbo] {
+            assert!(jpeg::is_complete(&bytes));
+            for cut in [2, 20, bytes.len() / 3, bytes.len() * 2 / 3, bytes.len() - 1] {
+                assert!(!jpeg::is_complete(&bytes[..cut]), "cut at {cut} of {}", bytes.len());
+            }
+        }
+        assert!(!jpeg::is_complete(b"GIF89a"));
     }
 
     #[test]
