@@ -3,7 +3,7 @@
 # thread count (2): captions/s (greedy; top-p sampling with 5 captions per image) and CLIP
 # embeddings/s (images model-only and with preprocessing; texts from strings, tokenization
 # included on both sides). Each figure is at least 2 s of calls; this VM varies by ~20% run to run.
-# Prints both and the ratio recap / Python.
+# Prints both and the ratio recap / Python (medians of RUNS alternating rounds, default 3).
 # Usage: bash benches/models_vs_python.sh [threads]   (needs tools/fixtures' venv: FIXTURES_VENV)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,15 +15,29 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check torch==2.15.0
   "$venv/bin/pip" install -q --disable-pip-version-check -r tools/fixtures/requirements.txt
 fi
-rs=$(cargo bench --no-default-features --bench models -- cpu "$threads" 2>/dev/null | grep '^{')
-py=$("$venv/bin/python" benches/models_python.py "$threads" 2>/dev/null | grep '^{')
-python3 - "$rs" "$py" <<'PY'
-import json, sys
-rs = {j["bench"]: j for j in map(json.loads, sys.argv[1].splitlines())}
-py = {j["bench"]: j for j in map(json.loads, sys.argv[2].splitlines())}
-print(f"{'bench':<42} {'recap /s':>10} {'python /s':>10} {'ratio':>7}")
+# RUNS rounds (default 3), recap and Python alternating, so a noisy spell of the VM hits both
+# sides; each figure printed is the median of its rounds, with the range of the ratio.
+runs=${RUNS:-3}
+cargo bench --no-default-features --bench models --no-run 2>/dev/null
+rs="" py=""
+for _ in $(seq "$runs"); do
+  rs+=$(cargo bench --no-default-features --bench models -- cpu "$threads" 2>/dev/null | grep '^{')$'\n'
+  py+=$("$venv/bin/python" benches/models_python.py "$threads" 2>/dev/null | grep '^{')$'\n'
+done
+python3 - "$rs" "$py" "$runs" <<'PY'
+import json, statistics, sys
+def load(text):
+    out = {}
+    for line in filter(None, text.splitlines()):
+        j = json.loads(line)
+        out.setdefault(j["bench"], []).append(j.get("captions_per_s", j.get("per_s")))
+    return out
+rs, py, runs = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3])
+print(f"median of {runs} alternating rounds, {'recap /s':>10} {'python /s':>10} {'ratio':>7}  ratio per round")
 for k, r in rs.items():
-    key = "captions_per_s" if "captions_per_s" in r else "per_s"
-    p = py.get(k, {}).get(key)
-    print(f"{k:<42} {r[key]:>10} {p if p is not None else '-':>10} {(r[key] / p if p else float('nan')):>7.2f}")
+    p = py.get(k, [])
+    ratios = [a / b for a, b in zip(r, p) if b]
+    mr, mp = statistics.median(r), (statistics.median(p) if p else None)
+    rng = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
+    print(f"{k:<42} {mr:>10.1f} {mp if mp is not None else float('nan'):>10.1f} {(mr / mp if mp else float('nan')):>7.2f}  {rng}")
 PY
