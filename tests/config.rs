@@ -79,6 +79,33 @@ fn input_problems_name_the_columns_that_exist() {
 }
 
 #[test]
+fn broken_url_lists_say_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan_of = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        let yaml = format!("input:\n  path: {}\noutput:\n  path: out\n", path.display());
+        config::plan(config::parse_str(&yaml, "p.yaml", &[]).unwrap(), "p.yaml")
+    };
+    // An empty file: no header, no columns.
+    let err = plan_of("empty.csv", "").unwrap_err().to_string();
+    assert!(err.contains("has no columns: the file is empty or has no header row"), "{err}");
+    // A bad line among the lines the schema is inferred from: its line number, not serde's
+    // position inside one line.
+    let err = plan_of("early.jsonl", "{\"url\": \"http://a/1.jpg\", \"caption\": \"a\"}\n\n{broken\n").unwrap_err().to_string();
+    assert!(err.contains("line 3, column 2: not valid JSON: key must be a string"), "{err}");
+    // A bad line past them: the plan opens, and reading the shards stops with the line.
+    let mut body = String::new();
+    for i in 0..1500 {
+        body.push_str(&format!("{{\"url\": \"http://a/{i}.jpg\", \"caption\": \"c{i}\"}}\n"));
+    }
+    body.push_str("[1, 2]\n");
+    let plan = plan_of("late.jsonl", &body).unwrap();
+    let err = plan.input.shards().find_map(|s| s.err()).expect("the bad line is an error").to_string();
+    assert!(err.contains("line 1501: not a JSON object"), "{err}");
+}
+
+#[test]
 fn overrides_are_checked_like_the_file() {
     let yaml = "input:\n  path: x.parquet\noutput:\n  path: out\n";
     let err = config::parse_str(yaml, "p.yaml", &["download.concurrency=zero".into(), "image.size=64".into()]).unwrap_err();

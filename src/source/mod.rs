@@ -106,6 +106,13 @@ impl InputPlan {
             }
         }
         let Some(schema) = first else { return Err(problems) };
+        if schema.fields().is_empty() {
+            problems.push(problem(
+                "input.path",
+                format!("{} has no columns: the file is empty or has no header row", files[0].path.display()),
+            ));
+            return Err(problems);
+        }
         let columns = schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ");
         let find = |name: &str, path: &str, problems: &mut Vec<Problem>| -> Option<Field> {
             match schema.field_with_name(name) {
@@ -267,6 +274,31 @@ fn open_text(f: &InputFile) -> Result<Box<dyn BufRead + Send>> {
     Ok(Box::new(BufReader::with_capacity(1 << 16, inner)))
 }
 
+/// A JSON Lines error with the line it is on. Arrow's reader reports serde's position inside
+/// one line ("line 1 column 2") whatever the line, so on this (error) path the file is scanned
+/// again for the first line that is not a JSON object.
+fn json_error(f: &InputFile, e: ArrowError) -> Error {
+    let located = open_text(f).ok().and_then(|r| {
+        r.lines().enumerate().find_map(|(i, line)| match line {
+            Err(io) => Some(format!("line {}: {io}", i + 1)),
+            Ok(l) if l.trim().is_empty() => None,
+            Ok(l) => match serde_json::from_str::<serde_json::Value>(&l) {
+                Ok(serde_json::Value::Object(_)) => None,
+                Ok(_) => Some(format!("line {}: not a JSON object", i + 1)),
+                Err(je) => {
+                    let msg = je.to_string();
+                    let msg = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m);
+                    Some(format!("line {}, column {}: not valid JSON: {msg}", i + 1, je.column()))
+                }
+            },
+        })
+    });
+    match located {
+        Some(m) => Error::input(&f.path, m),
+        None => Error::input(&f.path, e.to_string()),
+    }
+}
+
 /// The schema of one file, with every column as the file has it (text formats inferred, with
 /// strings kept as strings).
 fn read_schema(f: &InputFile) -> Result<SchemaRef> {
@@ -284,7 +316,7 @@ fn read_schema(f: &InputFile) -> Result<SchemaRef> {
         }
         InputFormat::Jsonl => {
             let (schema, _) = arrow::json::reader::infer_json_schema(open_text(f)?, Some(1000))
-                .map_err(|e| Error::input(&f.path, e.to_string()))?;
+                .map_err(|e| json_error(f, e))?;
             Ok(Arc::new(schema))
         }
     }
@@ -428,7 +460,8 @@ impl Iterator for ShardIter<'_> {
                 None => self.current = None,
                 Some(Err(e)) => {
                     self.done = true;
-                    return Some(Err(Error::input(&self.plan.files[fi].path, e.to_string())));
+                    let f = &self.plan.files[fi];
+                    return Some(Err(if f.format == InputFormat::Jsonl { json_error(f, e) } else { Error::input(&f.path, e.to_string()) }));
                 }
                 Some(Ok(batch)) => match self.plan.normalise(&self.plan.files[fi], &batch) {
                     Ok(b) => {
