@@ -24,7 +24,24 @@ fn main() {
             }
         }
         let code = if matches!(e, recap::Error::Usage(_)) { 2 } else { 1 };
-        eprintln!("error: {:#}", anyhow::Error::from(e));
+        eprintln!("error: {}", chain_message(&anyhow::Error::from(e)));
         std::process::exit(code);
     }
+}
+
+/// The error and its causes, "outer: inner: ...", leaving out a cause whose text is already
+/// shown (DataFusion's and Arrow's errors repeat their sources in their own message).
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -23,6 +23,11 @@ fn demo_runs_end_to_end_and_query_reads_its_shards() {
     let q = recap(&["query", "--shards", d.join("shards").to_str().unwrap(), "SELECT count(*) AS n FROM shards"]);
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
     assert!(String::from_utf8_lossy(&q.stdout).contains("| 60 |"), "{}", String::from_utf8_lossy(&q.stdout));
+    // A bad query: exit 1, and DataFusion's message said once (its error repeats its sources).
+    let q = recap(&["query", "--shards", d.join("shards").to_str().unwrap(), "SELECT nope FROM shards"]);
+    let err = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("No field named nope").count(), 1, "{err}");
 }
 
 #[test]

@@ -75,7 +75,8 @@ fn input_problems_name_the_columns_that_exist() {
     insta::assert_snapshot!("input_columns", msg);
 
     let cfg = config::parse_str("input:\n  path: no/such/urls.parquet\noutput:\n  path: out\n", "bad.yaml", &[]).unwrap();
-    insta::assert_snapshot!("input_missing", config::plan(cfg, "bad.yaml").unwrap_err().to_string());
+    let cwd = std::env::current_dir().unwrap().display().to_string();
+    insta::assert_snapshot!("input_missing", config::plan(cfg, "bad.yaml").unwrap_err().to_string().replace(&cwd, "CWD"));
 }
 
 #[test]

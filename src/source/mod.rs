@@ -243,7 +243,15 @@ fn resolve_files(cfg: &InputConfig) -> std::result::Result<Vec<InputFile>, Vec<P
     } else if p.is_file() {
         paths.push(p.to_path_buf());
     } else {
-        return Err(vec![problem("input.path", format!("{} does not exist; expected a file, a glob or a directory", cfg.path))]);
+        // Relative paths are read from the current directory, not the YAML's: say which it was.
+        let from = match std::env::current_dir() {
+            Ok(cwd) if p.is_relative() => format!(" (relative to the current directory, {})", cwd.display()),
+            _ => String::new(),
+        };
+        return Err(vec![problem(
+            "input.path",
+            format!("{} does not exist{from}; expected a file, a glob or a directory", cfg.path),
+        )]);
     }
     paths.sort();
     let mut files = Vec::new();
