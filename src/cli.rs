@@ -197,9 +197,21 @@ pub async fn execute(cli: Cli) -> Result<()> {
             print_summary(&summary)
         }
         Command::Validate(a) => {
-            let plan = config::load(&a.pipeline, &a.set)?;
-            // Model stages: load every model and check its inputs and outputs.
-            let models = match crate::reinforce::Stages::load(&plan.config)? {
+            let label = a.pipeline.display().to_string();
+            let cfg = config::parse_file(&a.pipeline, &a.set)?;
+            // The input and the model stages (every model loaded, its inputs and outputs
+            // checked) are both checked, and their problems reported together.
+            let (plan, stages) = match (config::plan(cfg.clone(), &label), crate::reinforce::Stages::load(&cfg, &label)) {
+                (Ok(p), Ok(s)) => (p, s),
+                (Err(Error::Config { file, problems: mut a }), Err(Error::Config { problems: b, .. })) => {
+                    // A path the plan already faulted (a model directory that does not exist) is said once.
+                    let said: Vec<String> = a.0.iter().map(|p| p.path.clone()).collect();
+                    a.0.extend(b.0.into_iter().filter(|p| !said.contains(&p.path)));
+                    return Err(Error::Config { file, problems: a });
+                }
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+            };
+            let models = match stages {
                 None => String::new(),
                 Some(s) => {
                     let mut parts = Vec::new();

@@ -15,7 +15,7 @@ use image::RgbImage;
 
 use crate::augment::{self, AugmentSpec, ViewParams};
 use crate::config::{CaptionConfig, DecodingKind, EarlyStoppingKind, FilterConfig, PipelineConfig, RankBy, ScoreConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, Problem, Problems, Result};
 use crate::models::{Captioner, Clip, Decoding, Device, EarlyStopping, GenerateOptions, SessionOptions};
 use crate::outcome::{Outcome, Status};
 use crate::sink::schema::reinforced_fields;
@@ -98,32 +98,48 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Stages {
-    /// Load the models the pipeline names; `None` when it has no model stage.
-    pub fn load(cfg: &PipelineConfig) -> Result<Option<Stages>> {
+    /// Load the models the pipeline names and check their inputs and outputs; `None` when it has
+    /// no model stage. Every model is tried, and each one that fails is a problem at its YAML
+    /// path (`caption.model`, `score.teachers[1]`, `score.device`, ...), all reported at once.
+    pub fn load(cfg: &PipelineConfig, label: &str) -> Result<Option<Stages>> {
         if cfg.caption.is_none() && cfg.score.is_none() && cfg.filter.is_none() {
             return Ok(None);
         }
-        let caption = match &cfg.caption {
-            None => None,
-            Some(c) => Some(CaptionStage {
-                model: Mutex::new(Captioner::load(c.model.as_ref(), &session_options(&c.device, c.intra_threads)?)?),
-                cfg: c.clone(),
-            }),
-        };
-        let mut teachers_meta = Vec::new();
-        let score = match &cfg.score {
-            None => None,
-            Some(s) => {
-                let opts = session_options(&s.device, s.intra_threads)?;
-                let mut teachers = Vec::new();
-                for t in &s.teachers {
-                    let clip = Clip::load(t.as_ref(), &opts)?;
-                    teachers_meta.push((t.clone(), clip.dim));
-                    teachers.push(Mutex::new(clip));
-                }
-                Some(ScoreStage { teachers, cfg: s.clone() })
+        let mut problems = Vec::new();
+        let mut problem = |path: &str, e: Error| problems.push(Problem { path: path.into(), message: e.to_string() });
+        let mut caption = None;
+        if let Some(c) = &cfg.caption {
+            match session_options(&c.device, c.intra_threads) {
+                Err(e) => problem("caption.device", e),
+                Ok(opts) => match Captioner::load(c.model.as_ref(), &opts) {
+                    Ok(model) => caption = Some(CaptionStage { model: Mutex::new(model), cfg: c.clone() }),
+                    Err(e) => problem("caption.model", e),
+                },
             }
-        };
+        }
+        let mut teachers_meta = Vec::new();
+        let mut score = None;
+        if let Some(s) = &cfg.score {
+            match session_options(&s.device, s.intra_threads) {
+                Err(e) => problem("score.device", e),
+                Ok(opts) => {
+                    let mut teachers = Vec::new();
+                    for (i, t) in s.teachers.iter().enumerate() {
+                        match Clip::load(t.as_ref(), &opts) {
+                            Ok(clip) => {
+                                teachers_meta.push((t.clone(), clip.dim));
+                                teachers.push(Mutex::new(clip));
+                            }
+                            Err(e) => problem(&format!("score.teachers[{i}]"), e),
+                        }
+                    }
+                    score = Some(ScoreStage { teachers, cfg: s.clone() });
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config { file: label.to_string(), problems: Problems(problems) });
+        }
         let dim = teachers_meta.iter().map(|t| t.1).sum();
         Ok(Some(Stages { caption, score, filter: cfg.filter.clone(), dim, teachers: teachers_meta }))
     }

@@ -329,6 +329,46 @@ fn models_that_do_not_exist_fail_validation() {
 }
 
 #[test]
+fn validate_reports_every_broken_model_with_its_yaml_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    std::fs::write(t.join("urls.csv"), "link,text\nhttp://example.org/a.jpg,a\n").unwrap();
+    // A teacher without its preprocessor config, a captioner without a decoder, one good teacher.
+    let copy = |from: &str, to: &str, skip: &[&str]| {
+        std::fs::create_dir_all(t.join(to)).unwrap();
+        for e in std::fs::read_dir(root().join("models").join(from)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if !skip.iter().any(|s| name.starts_with(s)) {
+                std::fs::copy(e.path(), t.join(to).join(name)).unwrap();
+            }
+        }
+    };
+    copy("shapeworld-clip-a", "clip", &["preprocessor_config.json"]);
+    copy("shapeworld-captioner", "cap", &["decoder_model"]);
+    let good = root().join("models/shapeworld-clip-b");
+    let p = t.join("p.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "input:\n  path: {t}/urls.csv\ncaption:\n  model: {t}/cap\nscore:\n  teachers: [{good}, {t}/clip]\noutput:\n  path: {t}/out\n",
+            t = t.display(),
+            good = good.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_recap")).arg("validate").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // The input's problems and every model's, at once, each at its path.
+    assert!(err.contains("4 problems found"), "{err}");
+    assert!(err.contains("input.url_column: no column \"url\""), "{err}");
+    assert!(err.contains("caption.model: model ") && err.contains("decoder_model_merged.onnx"), "{err}");
+    assert!(err.contains("score.teachers[1]: model ") && err.contains("preprocessor_config.json is missing"), "{err}");
+    assert!(!err.contains("score.teachers[0]"), "{err}");
+}
+
+#[test]
 fn cuda_without_the_gpu_library_is_a_clear_error() {
     // scripts/fetch-ort.sh fetches the CPU build of ONNX Runtime, which has no CUDA provider.
     if std::env::var_os("ORT_DYLIB_PATH").is_some() {

@@ -47,10 +47,15 @@ pub fn json_schema_text() -> String {
 
 /// Read, override, check and plan a pipeline file.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Plan> {
+    let config = parse_file(path, overrides)?;
+    plan(config, &path.display().to_string())
+}
+
+/// Read a pipeline file and apply the overrides: the typed config, schema-checked but not
+/// planned (the input is not opened).
+pub fn parse_file(path: &Path, overrides: &[String]) -> Result<PipelineConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read pipeline file", path, e))?;
-    let label = path.display().to_string();
-    let config = parse_str(&text, &label, overrides)?;
-    plan(config, &label)
+    parse_str(&text, &path.display().to_string(), overrides)
 }
 
 /// YAML text → typed config, reporting every schema problem at once.

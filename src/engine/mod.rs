@@ -88,7 +88,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let start = Instant::now();
     let cfg = &plan.config;
     // Models load (and are checked) before any row is fetched.
-    let stages = Stages::load(cfg)?.map(Arc::new);
+    let stages = Stages::load(cfg, &plan.file)?.map(Arc::new);
     let extra = stages.as_ref().map(|s| s.metadata()).unwrap_or_default();
     let writer = Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version, extra)?);
     let fetcher = Fetcher::new(&cfg.download).map_err(Error::Internal)?;
