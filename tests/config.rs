@@ -30,8 +30,13 @@ fn every_pipeline_in_pipelines_validates() {
     assert!(n >= 2);
 }
 
+/// The error text, with the current directory (named by missing relative paths) as CWD.
+fn redacted(text: String) -> String {
+    text.replace(&std::env::current_dir().unwrap().display().to_string(), "CWD")
+}
+
 fn errors(yaml: &str) -> String {
-    config::parse_str(yaml, "bad.yaml", &[]).unwrap_err().to_string()
+    redacted(config::parse_str(yaml, "bad.yaml", &[]).unwrap_err().to_string())
 }
 
 #[test]
@@ -75,8 +80,7 @@ fn input_problems_name_the_columns_that_exist() {
     insta::assert_snapshot!("input_columns", msg);
 
     let cfg = config::parse_str("input:\n  path: no/such/urls.parquet\noutput:\n  path: out\n", "bad.yaml", &[]).unwrap();
-    let cwd = std::env::current_dir().unwrap().display().to_string();
-    insta::assert_snapshot!("input_missing", config::plan(cfg, "bad.yaml").unwrap_err().to_string().replace(&cwd, "CWD"));
+    insta::assert_snapshot!("input_missing", redacted(config::plan(cfg, "bad.yaml").unwrap_err().to_string()));
 }
 
 #[test]
@@ -110,7 +114,7 @@ fn broken_url_lists_say_where() {
 fn overrides_are_checked_like_the_file() {
     let yaml = "input:\n  path: x.parquet\noutput:\n  path: out\n";
     let err = config::parse_str(yaml, "p.yaml", &["download.concurrency=zero".into(), "image.size=64".into()]).unwrap_err();
-    insta::assert_snapshot!("override", err.to_string());
+    insta::assert_snapshot!("override", redacted(err.to_string()));
     let cfg = config::parse_str(yaml, "p.yaml", &["image.size=64".into(), "download.timeout=2s".into()]).unwrap();
     assert_eq!(cfg.image.size, 64);
     assert_eq!(cfg.download.timeout.0, std::time::Duration::from_secs(2));

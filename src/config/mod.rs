@@ -79,11 +79,34 @@ pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<Pipeli
     if !problems.is_empty() {
         return Err(config_err(problems));
     }
-    let problems = schema_problems(&value);
+    let mut problems = schema_problems(&value);
     if !problems.is_empty() {
+        problems.extend(input_problems_beside(&value, &problems));
         return Err(config_err(problems));
     }
     serde_json::from_value(value).map_err(|e| config_err(vec![Problem { path: String::new(), message: e.to_string() }]))
+}
+
+/// When the file has schema problems elsewhere, the input is still opened and its columns
+/// checked, so that one `recap validate` shows every problem: the `input` keys that are sound
+/// (no problem at their path; unknown keys dropped) are read, and what is wrong with the input
+/// they name is added. Nothing is added when `input` itself is unusable.
+fn input_problems_beside(value: &Value, found: &[Problem]) -> Vec<Problem> {
+    let Some(Value::Object(input)) = value.get("input") else { return Vec::new() };
+    if found.iter().any(|p| p.path == "input" || p.path.is_empty()) {
+        return Vec::new();
+    }
+    let faulty = |key: &str| {
+        let at = format!("input.{key}");
+        found.iter().any(|p| p.path == at || p.path.starts_with(&format!("{at}[")) || p.path.starts_with(&format!("{at}.")))
+    };
+    let known = ["path", "format", "url_column", "caption_column", "passthrough", "rows_per_shard"];
+    let sound: serde_json::Map<String, Value> =
+        input.iter().filter(|(k, _)| known.contains(&k.as_str()) && !faulty(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    match serde_json::from_value::<InputConfig>(Value::Object(sound)) {
+        Ok(cfg) => InputPlan::open(&cfg).err().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Semantic checks on a typed config: the input exists and has the columns named.
