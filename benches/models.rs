@@ -58,7 +58,7 @@ fn main() {
         let refs: Vec<&RgbImage> = imgs.iter().collect();
         // Model time alone (pixel values made once), as the Python side measures it.
         let px = clip.pixel_values(&refs).unwrap();
-        let s = time(20, || clip.embed_pixels(px.clone(), bs).unwrap());
+        let s = time(20, || clip.embed_pixels(&px, bs).unwrap());
         println!("{{\"bench\": \"{name}_images\", \"device\": \"{device}\", \"batch\": {bs}, \"per_s\": {:.1}}}", bs as f64 / s);
         let s = time(20, || clip.embed_images(&refs).unwrap());
         println!("{{\"bench\": \"{name}_images_with_preprocessing\", \"device\": \"{device}\", \"batch\": {bs}, \"per_s\": {:.1}}}", bs as f64 / s);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use ort::session::Session;
-use ort::value::{Tensor, TensorElementType as T};
+use ort::value::{Tensor, TensorElementType as T, TensorRef};
 
 use super::hf::{read_json, ImageProcessor, TextTokenizer};
 use super::runtime::{check_io, expect, input_shape, open_session, run_err, SessionOptions};
@@ -132,16 +132,17 @@ impl Clip {
     /// L2-normalised image embeddings, [n * dim].
     pub fn embed_images(&mut self, images: &[&RgbImage]) -> std::result::Result<Vec<f32>, String> {
         let pixels = self.pixel_values(images)?;
-        self.embed_pixels(pixels, images.len())
+        self.embed_pixels(&pixels, images.len())
     }
 
-    /// L2-normalised image embeddings from ready `pixel_values` ([n, 3, h, w]).
-    pub fn embed_pixels(&mut self, pixels: Vec<f32>, n: usize) -> std::result::Result<Vec<f32>, String> {
+    /// L2-normalised image embeddings from ready `pixel_values` ([n, 3, h, w]), borrowed by
+    /// ONNX Runtime as they are (no copy).
+    pub fn embed_pixels(&mut self, pixels: &[f32], n: usize) -> std::result::Result<Vec<f32>, String> {
         if n == 0 {
             return Ok(Vec::new());
         }
         let (h, w) = self.image_hw;
-        let px = Tensor::from_array(([n, 3, h as usize, w as usize], pixels)).map_err(run_err)?;
+        let px = TensorRef::from_array_view(([n, 3, h as usize, w as usize], pixels)).map_err(run_err)?;
         let mut out = match &mut self.layout {
             Layout::Joint { session, has_mask } => {
                 let (ids, mask, t) = self.tokenizer.batch(&[""])?;
