@@ -15,7 +15,28 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = runtime.block_on(recap::cli::execute(cli));
+    let is_run = matches!(cli.command, recap::cli::Command::Run(_));
+    let result = match runtime.block_on(async {
+        tokio::select! {
+            r = recap::cli::execute(cli) => Ok(r),
+            signal = interrupted() => Err(signal),
+        }
+    }) {
+        Ok(r) => r,
+        Err((name, code)) => {
+            // Shards are renamed into place only when whole, so stopping here loses nothing that
+            // a rerun does not redo; say so, and exit as a shell expects of a signalled process.
+            use std::io::IsTerminal;
+            let nl = if std::io::stderr().is_terminal() { "\n" } else { "" };
+            let what = if is_run {
+                "; completed shards are kept and the shards in flight are redone: run the same command again to resume"
+            } else {
+                ""
+            };
+            eprintln!("{nl}recap: interrupted by {name}{what}");
+            std::process::exit(code);
+        }
+    };
     if let Err(e) = result {
         // A closed stdout (`recap query ... | head`) is not a failure.
         if let recap::Error::Io { source, .. } = &e {
@@ -44,4 +65,28 @@ fn chain_message(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// Resolves on SIGINT or SIGTERM (Ctrl-C, `kill`, Slurm and Kubernetes stopping a job) with the
+/// signal's name and the exit code a shell gives a process it ended (128 + the signal).
+async fn interrupted() -> (&'static str, i32) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => tokio::select! {
+                _ = int.recv() => ("SIGINT", 130),
+                _ = term.recv() => ("SIGTERM", 143),
+            },
+            // No handlers: the default actions stay, and this never resolves.
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => ("Ctrl-C", 130),
+            Err(_) => std::future::pending().await,
+        }
+    }
 }

@@ -222,6 +222,44 @@ async fn a_run_killed_mid_way_resumes_to_the_same_rows() {
     assert_eq!(shards, 12, "{names:?}");
 }
 
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_run_says_how_to_resume_and_the_rerun_completes() {
+    let opts = ServeOptions { latency: Duration::from_millis(60), ..Default::default() };
+    let w = world(40, 0, "404=2", opts).await;
+    let out = w.tmp.path().join("terminated");
+    let p = pipeline(&w, &out, 5, "", "");
+    let exe = env!("CARGO_BIN_EXE_recap");
+    let child = std::process::Command::new(exe)
+        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once a shard is complete, SIGTERM (what Slurm and Kubernetes send to stop a job).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&out).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "done")).count()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no shard completed within 60s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{err}");
+    assert!(err.contains("interrupted by SIGTERM") && err.contains("run the same command again to resume"), "{err}");
+    // The same command again finishes the run: every row, once.
+    let again = std::process::Command::new(exe)
+        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already complete (skipped)"));
+    let counts = count_status(&out);
+    assert_eq!(counts.values().sum::<u64>(), 40, "{counts:?}");
+    assert_eq!(counts.get("http_error"), Some(&2), "{counts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_tsv_jsonl_and_parquet_inputs_give_the_same_shards() {
     let w = world(12, 0, "404=2", ServeOptions::default()).await;
