@@ -100,9 +100,11 @@ fn input_problems_beside(value: &Value, found: &[Problem]) -> Vec<Problem> {
         let at = format!("input.{key}");
         found.iter().any(|p| p.path == at || p.path.starts_with(&format!("{at}[")) || p.path.starts_with(&format!("{at}.")))
     };
-    let known = ["path", "format", "url_column", "caption_column", "passthrough", "rows_per_shard"];
+    // The keys InputConfig has, from its own schema (the struct is the one source of truth).
+    let schema = serde_json::to_value(schemars::schema_for!(InputConfig)).expect("schema serialises");
+    let known = known_keys(&schema, "");
     let sound: serde_json::Map<String, Value> =
-        input.iter().filter(|(k, _)| known.contains(&k.as_str()) && !faulty(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        input.iter().filter(|(k, _)| known.contains(k) && !faulty(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
     match serde_json::from_value::<InputConfig>(Value::Object(sound)) {
         Ok(cfg) => InputPlan::open(&cfg).err().unwrap_or_default(),
         Err(_) => Vec::new(),
