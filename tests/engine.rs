@@ -172,6 +172,19 @@ async fn retry_failed_redoes_only_retryable_rows_in_place() {
     assert_eq!(retried_total, 4);
 }
 
+/// `recap run` throttled to one shard at a time and two requests, so that a test can stop it
+/// part-way.
+fn slow_run(p: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_recap"));
+    c.args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"]);
+    c
+}
+
+/// How many shards of `dir` carry their completion marker.
+fn done_shards(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "done")).count()).unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_killed_mid_way_resumes_to_the_same_rows() {
     let opts = ServeOptions { latency: Duration::from_millis(60), ..Default::default() };
@@ -184,16 +197,11 @@ async fn a_run_killed_mid_way_resumes_to_the_same_rows() {
     let out = w.tmp.path().join("killed");
     let p = pipeline(&w, &out, 5, "", "");
     let exe = env!("CARGO_BIN_EXE_recap");
-    let mut child = std::process::Command::new(exe)
-        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = slow_run(&p).stdout(std::process::Stdio::null()).spawn().unwrap();
     // Wait (bounded) until some but not all shards are complete, then SIGKILL.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let done = std::fs::read_dir(&out).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "done")).count()).unwrap_or(0);
-        if done >= 3 {
+        if done_shards(&out) >= 3 {
             break;
         }
         if let Some(st) = child.try_wait().unwrap() {
@@ -229,16 +237,10 @@ async fn a_terminated_run_says_how_to_resume_and_the_rerun_completes() {
     let w = world(40, 0, "404=2", opts).await;
     let out = w.tmp.path().join("terminated");
     let p = pipeline(&w, &out, 5, "", "");
-    let exe = env!("CARGO_BIN_EXE_recap");
-    let child = std::process::Command::new(exe)
-        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_run(&p).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Once a shard is complete, SIGTERM (what Slurm and Kubernetes send to stop a job).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&out).map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "done")).count()).unwrap_or(0) == 0 {
+    while done_shards(&out) == 0 {
         assert!(std::time::Instant::now() < deadline, "no shard completed within 60s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -249,10 +251,7 @@ async fn a_terminated_run_says_how_to_resume_and_the_rerun_completes() {
     assert_eq!(output.status.code(), Some(143), "{err}");
     assert!(err.contains("interrupted by SIGTERM") && err.contains("run the same command again to resume"), "{err}");
     // The same command again finishes the run: every row, once.
-    let again = std::process::Command::new(exe)
-        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", "download.concurrency=2", "--set", "download.per_host=2", "--set", "engine.shards_in_flight=1"])
-        .output()
-        .unwrap();
+    let again = slow_run(&p).output().unwrap();
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     assert!(String::from_utf8_lossy(&again.stdout).contains("already complete (skipped)"));
     let counts = count_status(&out);
