@@ -1,4 +1,4 @@
-//! The command line: run, validate, schema, query, synth, demo.
+//! The command line: run, validate, schema, query, synth, demo, train.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,12 +36,31 @@ pub enum Command {
     Synth(SynthArgs),
     /// Generate a small shapeworld, serve it on loopback, run pipelines/demo.yaml on it.
     Demo(DemoArgs),
+    /// Train a CLIP student (candle, CPU) from reinforced shards: contrastive + distillation.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The training YAML (see pipelines/train-tiny.yaml, `recap schema train`).
+    pub config: PathBuf,
+    /// Override a value, e.g. --set data.shards=out/shards --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the newest checkpoint in output.dir: same next batch, same loss.
+    #[arg(long)]
+    pub resume: bool,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchemaKind {
     Pipeline,
     Shard,
+    /// The training file (`recap train`).
+    Train,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +217,19 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Validate(a) => {
             let label = a.pipeline.display().to_string();
+            let text = std::fs::read_to_string(&a.pipeline).map_err(|e| Error::io("cannot read", &a.pipeline, e))?;
+            if crate::train::config::looks_like_training(&text) {
+                let cfg = crate::train::config::parse_str(&text, &label, &a.set)?;
+                let plan = crate::train::plan(cfg, &label)?;
+                return out!(
+                    "{label}: ok (training file; {} shard file{}, teachers: {}; student {} parameters; {} steps)",
+                    plan.shards.files.len(),
+                    if plan.shards.files.len() == 1 { "" } else { "s" },
+                    plan.shards.teachers.iter().map(|t| format!("{} {}-d", t.model, t.dim)).collect::<Vec<_>>().join(", "),
+                    crate::train::model::Clip::expected(&plan.shape)?.values().map(|d| d.iter().product::<usize>()).sum::<usize>(),
+                    plan.total_steps
+                );
+            }
             let cfg = config::parse_file(&a.pipeline, &a.set)?;
             // The input and the model stages (every model loaded, its inputs and outputs
             // checked) are both checked, and their problems reported together.
@@ -233,6 +265,35 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Schema { which: SchemaKind::Pipeline } => {
             write!(std::io::stdout().lock(), "{}", config::json_schema_text()).map_err(|e| Error::io("cannot write", "stdout", e))
+        }
+        Command::Schema { which: SchemaKind::Train } => write!(std::io::stdout().lock(), "{}", crate::train::config::json_schema_text())
+            .map_err(|e| Error::io("cannot write", "stdout", e)),
+        Command::Train(a) => {
+            let plan = crate::train::load(&a.config, &a.set)?;
+            out!(
+                "training {} steps of {} samples on {} shard file{} (teachers: {}) -> {}",
+                plan.total_steps,
+                plan.config.train.batch_size,
+                plan.shards.files.len(),
+                if plan.shards.files.len() == 1 { "" } else { "s" },
+                plan.shards.teachers.iter().map(|t| format!("{} {}-d", t.model, t.dim)).collect::<Vec<_>>().join(", "),
+                plan.config.output.dir
+            )?;
+            let opts = crate::train::TrainOptions { resume: a.resume, progress: !a.no_progress };
+            let s = tokio::task::spawn_blocking(move || crate::train::run(plan, &opts)).await.map_err(|e| Error::Internal(e.to_string()))??;
+            out!(
+                "trained {} steps ({} samples{}) in {:.1}s: {:.1} samples/s, final loss {:.4}, data wait {:.1}% of wall time{}{}\nmodel: {}",
+                s.steps,
+                s.samples_seen,
+                s.resumed_from.map(|r| format!(", resumed at step {r}")).unwrap_or_default(),
+                s.seconds,
+                s.samples_per_second,
+                s.final_loss,
+                100.0 * s.data_wait_share,
+                s.last_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default(),
+                if s.samples_skipped > 0 { format!(", {} samples skipped (see RECAP_LOG=warn)", s.samples_skipped) } else { String::new() },
+                s.model_dir
+            )
         }
         Command::Schema { which: SchemaKind::Shard } => {
             let schema = crate::sink::schema::with_passthrough(&[]);

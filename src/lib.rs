@@ -19,4 +19,5 @@ pub mod cli;
 #[cfg(feature = "query")]
 pub mod query;
 pub mod synth;
+pub mod train;
 pub use error::{Error, Result};

@@ -13,12 +13,32 @@ fn committed_json_schema_matches_the_code() {
 }
 
 #[test]
+fn committed_training_schema_matches_the_code() {
+    let committed = std::fs::read_to_string("schemas/train.schema.json").unwrap();
+    assert!(
+        committed == recap::train::config::json_schema_text(),
+        "schemas/train.schema.json is stale: run `cargo run -- schema train > schemas/train.schema.json`"
+    );
+}
+
+#[test]
 fn every_pipeline_in_pipelines_validates() {
     let mut n = 0;
     for e in std::fs::read_dir("pipelines").unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
             let text = std::fs::read_to_string(&p).unwrap();
+            if recap::train::config::looks_like_training(&text) {
+                // Training files: schema-checked and typed here; their semantic checks need
+                // shards, which tests/train.rs makes.
+                let cfg = recap::train::config::parse_str(&text, &p.display().to_string(), &[])
+                    .unwrap_or_else(|e| panic!("{} does not validate:\n{e}", p.display()));
+                assert!(cfg.problems().is_empty(), "{}: {:?}", p.display(), cfg.problems());
+                let v = serde_json::to_value(&cfg).unwrap();
+                assert!(jsonschema::is_valid(&recap::train::config::json_schema(), &v), "{}", p.display());
+                n += 1;
+                continue;
+            }
             let cfg = config::parse_str(&text, &p.display().to_string(), &[])
                 .unwrap_or_else(|e| panic!("{} does not validate:\n{e}", p.display()));
             // The example round-trips through the schema's own validator too.
@@ -27,7 +47,7 @@ fn every_pipeline_in_pipelines_validates() {
             n += 1;
         }
     }
-    assert!(n >= 2);
+    assert!(n >= 3);
 }
 
 /// The error text, with the current directory (named by missing relative paths) as CWD.

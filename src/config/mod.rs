@@ -60,6 +60,20 @@ pub fn parse_file(path: &Path, overrides: &[String]) -> Result<PipelineConfig> {
 
 /// YAML text → typed config, reporting every schema problem at once.
 pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<PipelineConfig> {
+    parse_yaml(text, label, overrides, &json_schema(), "input and output (see `recap schema pipeline`)", input_problems_beside)
+}
+
+/// YAML text (+ `--set` overrides) → `T`, checked against `schema` first so that every problem is
+/// reported at once with its YAML path. `beside` may add problems found by looking further when
+/// the schema check failed. Shared by pipeline and training files.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    label: &str,
+    overrides: &[String],
+    schema: &Value,
+    expected_keys: &str,
+    beside: fn(&Value, &[Problem]) -> Vec<Problem>,
+) -> Result<T> {
     let config_err = |problems: Vec<Problem>| Error::Config { file: label.to_string(), problems: Problems(problems) };
     let mut value: Value = serde_saphyr::from_str(text).map_err(|e| {
         config_err(vec![Problem { path: String::new(), message: format!("not valid YAML: {e}") }])
@@ -67,7 +81,7 @@ pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<Pipeli
     if value.is_null() {
         return Err(config_err(vec![Problem {
             path: String::new(),
-            message: "the file is empty; expected a mapping with input and output (see `recap schema pipeline`)".into(),
+            message: format!("the file is empty; expected a mapping with {expected_keys}"),
         }]));
     }
     let mut problems = Vec::new();
@@ -79,9 +93,9 @@ pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<Pipeli
     if !problems.is_empty() {
         return Err(config_err(problems));
     }
-    let mut problems = schema_problems(&value);
+    let mut problems = schema_problems(schema, &value);
     if !problems.is_empty() {
-        problems.extend(input_problems_beside(&value, &problems));
+        problems.extend(beside(&value, &problems));
         return Err(config_err(problems));
     }
     serde_json::from_value(value).map_err(|e| config_err(vec![Problem { path: String::new(), message: e.to_string() }]))
@@ -225,9 +239,8 @@ fn stage_problems(config: &PipelineConfig, problems: &mut Vec<Problem>) {
 }
 
 /// Every place where `value` breaks the schema.
-fn schema_problems(value: &Value) -> Vec<Problem> {
-    let schema = json_schema();
-    let validator = jsonschema::validator_for(&schema).expect("the generated schema is valid");
+fn schema_problems(schema: &Value, value: &Value) -> Vec<Problem> {
+    let validator = jsonschema::validator_for(schema).expect("the generated schema is valid");
     let mut problems: Vec<Problem> = validator
         .iter_errors(value)
         .map(|e| {
@@ -235,7 +248,7 @@ fn schema_problems(value: &Value) -> Vec<Problem> {
             let eval = e.evaluation_path().to_string();
             match e.kind() {
                 jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
-                    let known = known_keys(&schema, &eval);
+                    let known = known_keys(schema, &eval);
                     let keys: Vec<String> = unexpected.iter().map(|k| join_path(&path, k)).collect();
                     Problem {
                         path: keys.join(", "),
@@ -253,11 +266,11 @@ fn schema_problems(value: &Value) -> Vec<Problem> {
                 jsonschema::error::ValidationErrorKind::AnyOf { .. }
                 | jsonschema::error::ValidationErrorKind::OneOfNotValid { .. } => {
                     let found = e.instance().to_string();
-                    let def = def_at(&schema, &eval);
+                    let def = def_at(schema, &eval);
                     let expected = match def.as_deref() {
                         Some("Duration") => "a duration such as 10s, 500ms or 2m".to_string(),
                         Some("ByteSize") => "a size such as 20MB, 512KiB or a number of bytes".to_string(),
-                        Some(name) => match enum_values(&schema, name) {
+                        Some(name) => match enum_values(schema, name) {
                             Some(values) => format!("one of {values}"),
                             None => format!("a {name}"),
                         },

@@ -1,0 +1,209 @@
+//! `recap train` end to end on reinforced shards that `recap run` writes from a served
+//! shapeworld with the fixture captioner and teachers: the replayed views are the teachers'
+//! views, a fixed batch is driven near zero loss, a resumed run continues with the same batches
+//! and losses, and bad inputs get clear messages.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use recap::models::{Clip, SessionOptions};
+use recap::train::{self, data};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Fixture {
+    _world: common::World,
+    reinforced: PathBuf,
+    plain: PathBuf,
+}
+
+/// One world, run twice: with the model stages (reinforced shards) and without (plain shards).
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let w = common::world(40, 0, "", recap::synth::ServeOptions::default()).await;
+            let reinforced = w.tmp.path().join("reinforced");
+            let p = common::pipeline(&w, &reinforced, 20, "", "");
+            let m = root().join("models");
+            let stages = format!(
+                "caption:\n  model: {m}/shapeworld-captioner\n  num_captions: 2\n  max_new_tokens: 30\n  batch_size: 16\n  intra_threads: 1\n\
+                 score:\n  teachers: [{m}/shapeworld-clip-a, {m}/shapeworld-clip-b]\n  augmentations: 3\n  batch_size: 32\n  intra_threads: 1\n",
+                m = m.display()
+            );
+            let text = std::fs::read_to_string(&p).unwrap().replace("output:", &format!("{stages}output:"));
+            std::fs::write(&p, text).unwrap();
+            let plan = recap::config::load(&p, &[]).unwrap();
+            recap::engine::run(&plan, &Default::default()).await.unwrap();
+            let plain = w.tmp.path().join("plain");
+            let p = common::pipeline(&w, &plain, 20, "", "");
+            let plan = recap::config::load(&p, &[]).unwrap();
+            recap::engine::run(&plan, &Default::default()).await.unwrap();
+            Fixture { _world: w, reinforced, plain }
+        })
+    })
+}
+
+/// pipelines/train-tiny.yaml with the three driving keys and any other overrides.
+fn plan(shards: &Path, out: &Path, steps: u64, extra: &[&str]) -> recap::Result<train::TrainPlan> {
+    let mut sets = vec![
+        format!("data.shards={}", shards.display()),
+        format!("output.dir={}", out.display()),
+        format!("train.steps={steps}"),
+        format!("model.tokenizer={}", root().join("models/shapeworld-clip-a").display()),
+        "train.batch_size=8".to_string(),
+        "data.shuffle_buffer=16".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    train::load(&root().join("pipelines/train-tiny.yaml"), &sets)
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn replayed_views_are_the_views_the_teachers_embedded() {
+    let f = fixture();
+    let set = std::sync::Arc::new(data::ShardSet::open(f.reinforced.to_str().unwrap()).unwrap());
+    assert_eq!(set.teachers.len(), 2);
+    let mut stream = data::EpochStream::new(set.clone(), 0, 0, 1);
+    let opts = SessionOptions { intra_threads: 1, ..Default::default() };
+    let mut teachers: Vec<Clip> = set.teachers.iter().map(|t| Clip::load(Path::new(&t.model), &opts).unwrap()).collect();
+    let slices = set.slices();
+    let mut checked = 0;
+    for _ in 0..4 {
+        let row = stream.next_row().unwrap().unwrap();
+        let img = image::load_from_memory(&row.image).unwrap().to_rgb8();
+        assert_eq!(row.views.len(), 4, "the original and 3 augmentations");
+        for (t, clip) in teachers.iter_mut().enumerate() {
+            let side = clip.image_hw.0.max(clip.image_hw.1);
+            let views: Vec<image::RgbImage> = (0..row.views.len()).map(|v| data::replay_view(&img, &row.views, v, side).unwrap()).collect();
+            let refs: Vec<&image::RgbImage> = views.iter().collect();
+            let emb = clip.embed_images(&refs).unwrap();
+            let (off, d) = slices[t];
+            for v in 0..row.views.len() {
+                let stored: Vec<f32> = row.image_emb[v * set.dim + off..v * set.dim + off + d].iter().map(|x| x.to_f32()).collect();
+                let got = &emb[v * d..(v + 1) * d];
+                let diff = stored.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                // float16 storage: ~1e-3 at most on unit vectors.
+                assert!(diff < 2e-3, "teacher {t} view {v}: replayed view embeds {diff} away from the stored embedding");
+                if v > 0 {
+                    // And the check has teeth: another view's embedding is far from it.
+                    let other = &emb[0..d];
+                    let far = stored.iter().zip(other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(far > 1e-2, "view {v} and view 0 embed alike ({far}); the test would not see a wrong view");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 4 * 2 * 4);
+}
+
+#[test]
+fn a_fixed_batch_is_driven_near_zero_loss() {
+    let f = fixture();
+    let out = tempfile::tempdir().unwrap();
+    let p = plan(&f.reinforced, out.path(), 300, &["loss.distill_weight=0", "data.synthetic_prob=1.0", "optim.weight_decay=0"]).unwrap();
+    let opts = data::LoaderOptions { batch_size: 8, shuffle_buffer: 16, workers: 1, prefetch: 1, seed: 0 };
+    let prep = data::Prep {
+        image_size: p.shape.vision.image_size as u32,
+        processor: data::student_processor(p.shape.vision.image_size as u32),
+        tokenizer: p.tokenizer.clone(),
+        eos: p.shape.eos_token_id,
+        synthetic_prob: 1.0,
+        dual: false,
+        sequential_views: false,
+        seed: 0,
+        slices: p.shards.slices(),
+    };
+    let batch = data::Loader::start(p.shards.clone(), prep, &opts, data::Position::default()).next_batch().unwrap();
+    assert_eq!(batch.size, 8);
+    let clip = train::model::Clip::init(&p.shape, 0, &candle_core::Device::Cpu).unwrap();
+    let mut t = train::Trainer::new(p, clip).unwrap();
+    let (first, ..) = t.step(&batch, 2e-3).unwrap();
+    let mut last = first;
+    for _ in 0..299 {
+        last = t.step(&batch, 2e-3).unwrap().1;
+    }
+    assert!(first > 1.5, "first loss {first}: ln 8 ≈ 2.08 expected from random weights");
+    assert!(last < 0.05, "contrastive loss after 300 steps on one batch: {last} (first {first})");
+}
+
+#[test]
+fn a_resumed_run_continues_with_the_same_batches_and_losses() {
+    let f = fixture();
+    let a = tempfile::tempdir().unwrap();
+    let extra = ["train.checkpoint_every=3", "train.log_every=1", "train.keep_checkpoints=3", "loss.mode=dr", "optim.warmup_steps=2"];
+    let s = train::run(plan(&f.reinforced, a.path(), 6, &extra).unwrap(), &Default::default()).unwrap();
+    assert_eq!(s.steps, 6);
+    assert_eq!(s.samples_seen, 48);
+    assert!(a.path().join("model/model.safetensors").is_file() && a.path().join("model/config.json").is_file());
+    let full = metrics(a.path());
+    assert_eq!(full.len(), 6);
+    // What a kill after the step-3 checkpoint leaves: checkpoint 3, metrics up to step 6 (later
+    // lines are dropped on resume), no final model.
+    let b = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(b.path().join("checkpoints")).unwrap();
+    let src = a.path().join("checkpoints/step-00000003");
+    let dst = b.path().join("checkpoints/step-00000003");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    std::fs::copy(a.path().join("metrics.jsonl"), b.path().join("metrics.jsonl")).unwrap();
+    // Without --resume an existing run is not overwritten.
+    let e = train::run(plan(&f.reinforced, b.path(), 6, &extra).unwrap(), &Default::default()).err().unwrap().to_string();
+    assert!(e.contains("already holds a run") && e.contains("--resume"), "{e}");
+    let s = train::run(plan(&f.reinforced, b.path(), 6, &extra).unwrap(), &train::TrainOptions { resume: true, progress: false }).unwrap();
+    assert_eq!(s.resumed_from, Some(3));
+    assert_eq!(s.samples_seen, 48);
+    let resumed = metrics(b.path());
+    assert_eq!(resumed.len(), 6);
+    for (x, y) in full.iter().zip(&resumed) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["samples"], y["samples"]);
+        assert_eq!(x["epoch"], y["epoch"]);
+        let (l1, l2) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!((l1 - l2).abs() < 1e-5, "step {}: loss {l1} uninterrupted, {l2} resumed", x["step"]);
+        assert_eq!(x["lr"], y["lr"]);
+    }
+    let sa: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.path().join("checkpoints/step-00000006/state.json")).unwrap()).unwrap();
+    let sb: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(b.path().join("checkpoints/step-00000006/state.json")).unwrap()).unwrap();
+    assert_eq!(sa["position"], sb["position"]);
+    // A checkpoint of another shape is refused, naming it.
+    let e = train::run(plan(&f.reinforced, b.path(), 6, &["model.vision.width=32"]).unwrap(), &train::TrainOptions { resume: true, progress: false })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("step-00000006") && e.contains("another model shape"), "{e}");
+}
+
+#[test]
+fn bad_inputs_get_clear_messages() {
+    let f = fixture();
+    let out = tempfile::tempdir().unwrap();
+    // Plain shards: no reinforcement.
+    let e = plan(&f.plain, out.path(), 2, &[]).err().unwrap().to_string();
+    assert!(e.contains("data.shards") && e.contains("00000.parquet") && e.contains("augmentations, image_embeddings, text_embeddings"), "{e}");
+    // An empty directory.
+    let empty = tempfile::tempdir().unwrap();
+    let e = plan(empty.path(), out.path(), 2, &[]).err().unwrap().to_string();
+    assert!(e.contains("holds no shards"), "{e}");
+    // Teacher scales that do not match the shards' teachers.
+    let e = plan(&f.reinforced, out.path(), 2, &["loss.teacher_scales=[70, 60, 50]"]).err().unwrap().to_string();
+    assert!(e.contains("loss.teacher_scales: 3 values for 2 teachers") && e.contains("shapeworld-clip-b 48-d"), "{e}");
+    // A diverging run stops with the step and what to do, never a panic.
+    let e = train::run(plan(&f.reinforced, out.path(), 20, &["optim.lr=1e12", "optim.grad_clip=null", "optim.warmup_steps=0"]).unwrap(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("the loss is") && e.contains("Lower optim.lr"), "{e}");
+}
