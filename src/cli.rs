@@ -38,6 +38,26 @@ pub enum Command {
     Demo(DemoArgs),
     /// Train a CLIP student (candle, CPU) from reinforced shards: contrastive + distillation.
     Train(TrainArgs),
+    /// Zero-shot classification and retrieval of a student or an ONNX CLIP on an evaluation set.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A training run directory, a student model directory (model.safetensors + config.json), or
+    /// an ONNX CLIP directory (the teachers).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The evaluation set (eval.parquet: `recap synth` writes one per world;
+    /// tools/eval_from_folders.py makes one from an ImageNet-style folder tree).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print one JSON object (zero_shot.<task>.top1, retrieval.image_to_text.r1, ...).
+    #[arg(long)]
+    pub json: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Args)]
@@ -265,6 +285,21 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Schema { which: SchemaKind::Pipeline } => {
             write!(std::io::stdout().lock(), "{}", config::json_schema_text()).map_err(|e| Error::io("cannot write", "stdout", e))
+        }
+        Command::Eval(a) => {
+            let report = tokio::task::spawn_blocking(move || -> Result<crate::train::eval::EvalReport> {
+                let set = crate::train::eval::EvalSet::open(&a.data)?;
+                let mut model = crate::train::eval::load_model(&a.model)?;
+                let r = crate::train::eval::evaluate(model.as_mut(), &set, a.batch_size)?;
+                Ok(r)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            if a.json {
+                out!("{}", serde_json::to_string_pretty(&report).expect("report serialises"))
+            } else {
+                write!(std::io::stdout().lock(), "{}", crate::train::eval::format_report(&report)).map_err(|e| Error::io("cannot write", "stdout", e))
+            }
         }
         Command::Schema { which: SchemaKind::Train } => write!(std::io::stdout().lock(), "{}", crate::train::config::json_schema_text())
             .map_err(|e| Error::io("cannot write", "stdout", e)),

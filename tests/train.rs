@@ -207,3 +207,32 @@ fn bad_inputs_get_clear_messages() {
         .to_string();
     assert!(e.contains("the loss is") && e.contains("Lower optim.lr"), "{e}");
 }
+
+#[test]
+fn a_trained_student_is_evaluated_like_a_teacher() {
+    let f = fixture();
+    let out = tempfile::tempdir().unwrap();
+    let s = train::run(plan(&f.reinforced, out.path(), 3, &[]).unwrap(), &Default::default()).unwrap();
+    assert_eq!(s.steps, 3);
+    // The world the shards came from has its eval.parquet; the run directory is the model.
+    let data = f._world.dir.join("eval.parquet");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_recap"))
+        .args(["eval", "--json", "--model"])
+        .arg(out.path())
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    for task in ["shape", "color", "background", "count"] {
+        let t = r["zero_shot"][task]["top1"].as_f64().unwrap_or_else(|| panic!("no zero_shot.{task}.top1 in {r}"));
+        assert!((0.0..=1.0).contains(&t));
+    }
+    assert_eq!(r["retrieval"]["n"], 40);
+    assert!(r["retrieval"]["image_to_text"]["r1"].as_f64().is_some());
+    // The student's directory is a Hugging Face CLIP layout.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("model/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "CLIPModel");
+    assert_eq!(cfg["vision_config"]["patch_size"], 8);
+}

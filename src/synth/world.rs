@@ -337,21 +337,24 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| Error::io("cannot create", &d, e))?;
     }
-    let samples: Vec<Sample> = (0..spec.count)
+    let made: Vec<(Sample, Option<Vec<u8>>)> = (0..spec.count)
         .into_par_iter()
-        .map(|id| -> Result<Sample> {
+        .map(|id| -> Result<(Sample, Option<Vec<u8>>)> {
             let s = sample(spec, id);
             let (img, mask, depth) = render(&s);
             let bytes = image_bytes(&s, &img)?;
+            let eval = if s.corrupt { None } else { Some(eval_image(&img)?) };
             let p = dir.join(&s.file);
             std::fs::write(&p, bytes).map_err(|e| Error::io("cannot write", &p, e))?;
             let mp = dir.join(&s.mask);
             mask.save(&mp).map_err(|e| Error::Internal(format!("{}: {e}", mp.display())))?;
             let dp = dir.join(&s.depth);
             depth.save(&dp).map_err(|e| Error::Internal(format!("{}: {e}", dp.display())))?;
-            Ok(s)
+            Ok((s, eval))
         })
         .collect::<Result<_>>()?;
+    write_eval(&dir.join("eval.parquet"), &made)?;
+    let samples: Vec<Sample> = made.into_iter().map(|(s, _)| s).collect();
     let path = dir.join("samples.jsonl");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?);
     for s in &samples {
@@ -367,6 +370,62 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
     });
     std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec_json).expect("json")).map_err(|e| Error::io("cannot write", &spec_path, e))?;
     Ok(samples)
+}
+
+/// Longer side of the images in `eval.parquet`.
+pub const EVAL_SIDE: u32 = 256;
+
+/// A world image as the evaluation set holds it: aspect kept, longer side at most
+/// [`EVAL_SIDE`], JPEG quality 90.
+fn eval_image(img: &RgbImage) -> Result<Vec<u8>> {
+    let (w, h) = img.dimensions();
+    let scale = (EVAL_SIDE as f32 / w.max(h) as f32).min(1.0);
+    let (nw, nh) = (((w as f32 * scale).round() as u32).max(1), ((h as f32 * scale).round() as u32).max(1));
+    let small = crate::imaging::resize_rgb(img, nw, nh, None, crate::config::model::ResizeFilter::Box).map_err(Error::Internal)?;
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 90)
+        .encode(small.as_raw(), nw as u16, nh as u16, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| Error::Internal(format!("jpeg encode: {e}")))?;
+    Ok(out)
+}
+
+/// The world's evaluation set (`eval.parquet`, layout in `recap::train::eval`): tasks `shape`
+/// and `color` on images with one object, `background` and `count` on all, and the true
+/// captions for retrieval. Corrupt samples are left out.
+fn write_eval(path: &Path, made: &[(Sample, Option<Vec<u8>>)]) -> Result<()> {
+    use crate::train::eval::{write_eval_set, EvalSpec, TaskSpec};
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let counts = ["one shape", "two shapes", "three shapes", "four shapes"];
+    let spec = EvalSpec {
+        version: 1,
+        tasks: vec![
+            TaskSpec { name: "shape".into(), classes: strs(&SHAPES), templates: strs(&["a {}.", "a photo of a {}.", "a {} on a background.", "a picture of a {} shape."]) },
+            TaskSpec {
+                name: "color".into(),
+                classes: strs(&COLORS.map(|c| c.0)),
+                templates: strs(&["a {} shape.", "a photo of a {} shape.", "a {} object.", "something {}."]),
+            },
+            TaskSpec {
+                name: "background".into(),
+                classes: strs(&BACKGROUNDS.map(|c| c.0)),
+                templates: strs(&["a shape on a {} background.", "a photo with a {} background.", "on a {} background.", "something on a {} background."]),
+            },
+            TaskSpec { name: "count".into(), classes: strs(&counts), templates: strs(&["{}.", "a picture of {}.", "an image with {}.", "{} on a background."]) },
+        ],
+        caption_column: Some("caption".into()),
+    };
+    let kept: Vec<(&Sample, &Vec<u8>)> = made.iter().filter_map(|(s, e)| e.as_ref().map(|e| (s, e))).collect();
+    let idx = |list: &[&str], x: &str| list.iter().position(|c| *c == x).map(|i| i as u32);
+    let single = |s: &Sample| s.objects.len() == 1;
+    let labels = vec![
+        kept.iter().map(|(s, _)| if single(s) { idx(&SHAPES, &s.objects[0].shape) } else { None }).collect(),
+        kept.iter().map(|(s, _)| if single(s) { idx(&COLORS.map(|c| c.0), &s.objects[0].color) } else { None }).collect(),
+        kept.iter().map(|(s, _)| idx(&BACKGROUNDS.map(|c| c.0), &s.background)).collect(),
+        kept.iter().map(|(s, _)| (s.objects.len() as u32).checked_sub(1).filter(|c| *c < 4)).collect(),
+    ];
+    let images: Vec<(Vec<u8>, String)> = kept.iter().map(|(s, e)| ((*e).clone(), s.file.clone())).collect();
+    let captions: Vec<Option<String>> = kept.iter().map(|(s, _)| Some(s.caption.clone())).collect();
+    write_eval_set(path, &spec, &images, &labels, Some(&captions))
 }
 
 /// Read `samples.jsonl` back.

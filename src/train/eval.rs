@@ -1,0 +1,409 @@
+//! `recap eval`: zero-shot classification with prompt ensembles and image↔text retrieval on a
+//! labelled evaluation set, for a trained student (candle) or any ONNX CLIP (the teachers), by
+//! one code path.
+//!
+//! The evaluation set is one Parquet file:
+//! - `image`: struct {bytes, path} (as in shards; the layout Hugging Face `datasets` reads),
+//! - one nullable int32 column per label task (the class index; null where the task does not
+//!   apply to the image),
+//! - optionally `caption` (utf8) for retrieval,
+//! - file metadata `recap.eval`: `{"version": 1, "tasks": [{"name", "classes": [...],
+//!   "templates": ["a photo of a {}.", ...]}], "caption_column": "caption"}`.
+//!
+//! Zero-shot follows CLIP: each class's prompts (every template filled with the class name) are
+//! embedded, L2-normalised, averaged and normalised again; an image takes the class whose
+//! classifier has the highest cosine.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BinaryArray, Int32Array, StringArray, StructArray};
+use arrow::datatypes::{DataType, Field, Fields, Schema};
+use arrow::record_batch::RecordBatch;
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use super::model::{ce, l2_normalize, Clip as Student, ClipShape};
+use crate::error::{Error, Result};
+use crate::models::hf::{ImageProcessor, TextTokenizer};
+use crate::models::{Clip as OnnxClip, SessionOptions};
+
+/// One classification task of an evaluation set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    pub classes: Vec<String>,
+    /// Prompt templates with `{}` where the class name goes.
+    pub templates: Vec<String>,
+}
+
+/// The `recap.eval` metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSpec {
+    pub version: u32,
+    pub tasks: Vec<TaskSpec>,
+    #[serde(default)]
+    pub caption_column: Option<String>,
+}
+
+/// An evaluation set in memory (they are small: thousands of images).
+pub struct EvalSet {
+    pub path: PathBuf,
+    pub spec: EvalSpec,
+    pub images: Vec<Vec<u8>>,
+    /// Per task, per image.
+    pub labels: Vec<Vec<Option<u32>>>,
+    pub captions: Option<Vec<Option<String>>>,
+}
+
+fn bad(path: &Path, m: impl Into<String>) -> Error {
+    Error::input(path, m.into())
+}
+
+impl EvalSet {
+    pub fn open(path: &Path) -> Result<EvalSet> {
+        let file = File::open(path).map_err(|e| Error::io("cannot open evaluation set", path, e))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(path, format!("not a readable Parquet file: {e}")))?;
+        let meta = b.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
+        let raw = b
+            .schema()
+            .metadata()
+            .get("recap.eval")
+            .cloned()
+            .or_else(|| meta.iter().find(|kv| kv.key == "recap.eval").and_then(|kv| kv.value.clone()))
+            .ok_or_else(|| bad(path, "has no recap.eval metadata; expected an evaluation set as `recap synth` or tools/eval_from_folders.py writes it (see README: Evaluation sets)"))?;
+        let spec: EvalSpec = serde_json::from_str(&raw).map_err(|e| bad(path, format!("recap.eval metadata is not valid: {e}")))?;
+        let schema = b.schema().clone();
+        if schema.field_with_name("image").is_err() {
+            return Err(bad(path, "lacks the image column (struct {bytes, path})"));
+        }
+        for t in &spec.tasks {
+            if schema.field_with_name(&t.name).is_err() {
+                return Err(bad(path, format!("recap.eval names task {:?} but the file has no such column", t.name)));
+            }
+            if t.classes.len() < 2 || t.templates.is_empty() || t.templates.iter().any(|x| !x.contains("{}")) {
+                return Err(bad(path, format!("task {:?}: expected at least 2 classes and templates that each hold {{}}", t.name)));
+            }
+        }
+        let reader = b.build().map_err(|e| bad(path, e.to_string()))?;
+        let mut set = EvalSet {
+            path: path.to_path_buf(),
+            images: Vec::new(),
+            labels: vec![Vec::new(); spec.tasks.len()],
+            captions: spec.caption_column.as_ref().map(|_| Vec::new()),
+            spec,
+        };
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(path, format!("cannot read: {e}")))?;
+            let img = batch.column_by_name("image").and_then(|c| c.as_any().downcast_ref::<StructArray>()).ok_or_else(|| bad(path, "image is not a struct"))?;
+            let bytes = img.column_by_name("bytes").and_then(|c| c.as_any().downcast_ref::<BinaryArray>()).ok_or_else(|| bad(path, "image.bytes is not binary"))?;
+            for i in 0..batch.num_rows() {
+                if bytes.is_null(i) {
+                    return Err(bad(path, format!("row {} has no image bytes", set.images.len())));
+                }
+                set.images.push(bytes.value(i).to_vec());
+            }
+            for (k, t) in set.spec.tasks.iter().enumerate() {
+                let c = batch.column_by_name(&t.name).expect("checked");
+                let c = arrow::compute::cast(c, &DataType::Int32).map_err(|e| bad(path, format!("task column {}: {e}", t.name)))?;
+                let c = c.as_any().downcast_ref::<Int32Array>().expect("cast to int32");
+                for i in 0..c.len() {
+                    let v = (!c.is_null(i)).then(|| c.value(i));
+                    if let Some(v) = v {
+                        if v < 0 || v as usize >= t.classes.len() {
+                            return Err(bad(path, format!("task {}: label {v} is not a class index (0..{})", t.name, t.classes.len())));
+                        }
+                    }
+                    set.labels[k].push(v.map(|v| v as u32));
+                }
+            }
+            if let (Some(col), Some(caps)) = (&set.spec.caption_column, &mut set.captions) {
+                let c = batch.column_by_name(col).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| bad(path, format!("caption column {col} is missing or not utf8")))?;
+                caps.extend((0..c.len()).map(|i| (!c.is_null(i)).then(|| c.value(i).to_string())));
+            }
+        }
+        if set.images.is_empty() {
+            return Err(bad(path, "has no rows"));
+        }
+        Ok(set)
+    }
+}
+
+/// Write an evaluation set: images (encoded bytes, path), per-task labels, optional captions.
+pub fn write_eval_set(path: &Path, spec: &EvalSpec, images: &[(Vec<u8>, String)], labels: &[Vec<Option<u32>>], captions: Option<&[Option<String>]>) -> Result<()> {
+    let img_fields = Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
+    let mut fields = vec![Field::new("image", DataType::Struct(img_fields.clone()), false)];
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(
+        StructArray::try_new(
+            img_fields,
+            vec![
+                Arc::new(images.iter().map(|(b, _)| Some(b.as_slice())).collect::<BinaryArray>()),
+                Arc::new(images.iter().map(|(_, p)| Some(p.as_str())).collect::<StringArray>()),
+            ],
+            None,
+        )
+        .map_err(|e| Error::data("eval image column", e))?,
+    )];
+    for (t, l) in spec.tasks.iter().zip(labels) {
+        fields.push(Field::new(&t.name, DataType::Int32, true));
+        cols.push(Arc::new(l.iter().map(|v| v.map(|x| x as i32)).collect::<Int32Array>()));
+    }
+    if let (Some(name), Some(c)) = (&spec.caption_column, captions) {
+        fields.push(Field::new(name, DataType::Utf8, true));
+        cols.push(Arc::new(c.iter().map(|v| v.as_deref()).collect::<StringArray>()));
+    }
+    // In the Arrow schema's metadata, which the writer also puts in the file's key-value metadata:
+    // pyarrow shows it as `schema.metadata`, other readers in the footer.
+    let meta = std::collections::HashMap::from([("recap.eval".to_string(), serde_json::to_string(spec).expect("spec serialises"))]);
+    let schema = Arc::new(Schema::new_with_metadata(fields, meta));
+    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("eval set", e))?;
+    let props = WriterProperties::builder().build();
+    let tmp = path.with_extension("parquet.tmp");
+    let f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    let mut w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| Error::data("eval set writer", e))?;
+    w.write(&batch).map_err(|e| Error::data("writing eval set", e))?;
+    w.close().map_err(|e| Error::data("closing eval set", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot move into place", path, e))
+}
+
+/// Something that embeds images and texts into one space (L2-normalised rows).
+pub trait Embedder {
+    fn name(&self) -> String;
+    fn embed_images(&mut self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>>;
+    fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
+}
+
+/// A trained student, with the processor and tokenizer its directory holds.
+pub struct StudentModel {
+    pub dir: PathBuf,
+    pub clip: Student,
+    pub processor: ImageProcessor,
+    pub tokenizer: TextTokenizer,
+}
+
+impl StudentModel {
+    /// A model directory as `recap train` writes it (`model/` of a run).
+    pub fn load(dir: &Path) -> Result<StudentModel> {
+        let shape = ClipShape::from_hf_config(&dir.join("config.json"))?;
+        let clip = Student::load(&shape, &dir.join("model.safetensors"), &Device::Cpu)?;
+        let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+        let tokenizer = TextTokenizer::load(dir, shape.text.context_length)?;
+        Ok(StudentModel { dir: dir.to_path_buf(), clip, processor, tokenizer })
+    }
+}
+
+fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    t.to_vec2().map_err(ce("embeddings"))
+}
+
+impl Embedder for StudentModel {
+    fn name(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn embed_images(&mut self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let s = self.clip.shape.vision.image_size;
+        let refs: Vec<&RgbImage> = images.iter().collect();
+        let px = self.processor.batch(&refs, (s as u32, s as u32)).map_err(|e| Error::model(&self.dir, e))?;
+        let px = Tensor::from_vec(px, (images.len(), 3, s, s), &Device::Cpu).map_err(ce("pixels"))?;
+        rows(&l2_normalize(&self.clip.encode_image(&px)?)?)
+    }
+
+    fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (ids, mask, len) = self.tokenizer.batch(&refs).map_err(|e| Error::model(&self.dir, e))?;
+        let eos = self.clip.shape.eos_token_id;
+        let pool: Vec<u32> = (0..texts.len())
+            .map(|r| {
+                let valid = mask[r * len..(r + 1) * len].iter().filter(|m| **m == 1).count().max(1);
+                eos.and_then(|e| ids[r * len..r * len + valid].iter().position(|&t| t == e as i64)).unwrap_or(valid - 1) as u32
+            })
+            .collect();
+        let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+        let ids = Tensor::from_vec(ids, (texts.len(), len), &Device::Cpu).map_err(ce("ids"))?;
+        rows(&l2_normalize(&self.clip.encode_text(&ids, &pool)?)?)
+    }
+}
+
+impl Embedder for OnnxClip {
+    fn name(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn embed_images(&mut self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let refs: Vec<&RgbImage> = images.iter().collect();
+        let v = OnnxClip::embed_images(self, &refs).map_err(|e| Error::model(&self.dir, e))?;
+        Ok(v.chunks(self.dim).map(<[f32]>::to_vec).collect())
+    }
+
+    fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let v = OnnxClip::embed_texts(self, &refs).map_err(|e| Error::model(&self.dir, e))?;
+        Ok(v.chunks(self.dim).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// A student run directory (its `model/`), a student model directory, or an ONNX CLIP directory.
+pub fn load_model(path: &Path) -> Result<Box<dyn Embedder>> {
+    let dir = if path.join("model").join("model.safetensors").is_file() { path.join("model") } else { path.to_path_buf() };
+    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+        return Ok(Box::new(StudentModel::load(&dir)?));
+    }
+    if !dir.is_dir() {
+        return Err(Error::model(path, "no such directory; expected a training run, a model directory or an ONNX CLIP export"));
+    }
+    let opts = SessionOptions { intra_threads: 0, ..Default::default() };
+    OnnxClip::load(&dir, &opts).map(|c| Box::new(c) as Box<dyn Embedder>).map_err(|e| {
+        Error::model(path, format!("neither a recap student (model.safetensors + config.json) nor a usable ONNX CLIP: {e}"))
+    })
+}
+
+/// Top-1 accuracy of one task.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskScore {
+    pub top1: f64,
+    /// Images with a label for this task.
+    pub n: usize,
+    /// Accuracy of always guessing the commonest class.
+    pub majority: f64,
+    /// Top-1 per class.
+    pub per_class: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecallAt {
+    pub r1: f64,
+    pub r5: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Retrieval {
+    pub image_to_text: RecallAt,
+    pub text_to_image: RecallAt,
+    pub n: usize,
+}
+
+/// What `recap eval --json` prints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub images: usize,
+    pub zero_shot: BTreeMap<String, TaskScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<Retrieval>,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= n);
+}
+
+/// Rank of `target` among `scores` (0 = best); ties count against the target.
+fn rank_of(scores: &[f32], target: usize) -> usize {
+    let s = scores[target];
+    scores.iter().enumerate().filter(|(j, x)| *j != target && **x >= s).count()
+}
+
+/// Evaluate a model on a set, `batch` images at a time.
+pub fn evaluate(model: &mut dyn Embedder, set: &EvalSet, batch: usize) -> Result<EvalReport> {
+    let mut img_emb: Vec<Vec<f32>> = Vec::with_capacity(set.images.len());
+    for (ci, chunk) in set.images.chunks(batch.max(1)).enumerate() {
+        let imgs: Vec<RgbImage> = chunk
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                image::load_from_memory(b).map(|i| i.to_rgb8()).map_err(|e| bad(&set.path, format!("row {}: the image does not decode: {e}", ci * batch + k)))
+            })
+            .collect::<Result<_>>()?;
+        img_emb.extend(model.embed_images(&imgs)?);
+    }
+    let mut zero_shot = BTreeMap::new();
+    for (k, t) in set.spec.tasks.iter().enumerate() {
+        // Classifier weights: per class, the mean of its normalised prompt embeddings.
+        let mut classifiers = Vec::with_capacity(t.classes.len());
+        for c in &t.classes {
+            let prompts: Vec<String> = t.templates.iter().map(|tpl| tpl.replace("{}", c)).collect();
+            let e = model.embed_texts(&prompts)?;
+            let mut mean = vec![0f32; e[0].len()];
+            for row in &e {
+                mean.iter_mut().zip(row).for_each(|(m, x)| *m += x / e.len() as f32);
+            }
+            normalise(&mut mean);
+            classifiers.push(mean);
+        }
+        let (mut hits, mut n) = (0usize, 0usize);
+        let mut per = vec![(0usize, 0usize); t.classes.len()];
+        for (i, label) in set.labels[k].iter().enumerate() {
+            let Some(label) = label else { continue };
+            let scores: Vec<f32> = classifiers.iter().map(|w| dot(w, &img_emb[i])).collect();
+            let pred = scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, s)| if *s > b.1 { (j, *s) } else { b }).0;
+            n += 1;
+            per[*label as usize].1 += 1;
+            if pred == *label as usize {
+                hits += 1;
+                per[*label as usize].0 += 1;
+            }
+        }
+        let majority = per.iter().map(|p| p.1).max().unwrap_or(0) as f64 / n.max(1) as f64;
+        let per_class =
+            t.classes.iter().zip(&per).filter(|(_, p)| p.1 > 0).map(|(c, p)| (c.clone(), p.0 as f64 / p.1 as f64)).collect();
+        zero_shot.insert(t.name.clone(), TaskScore { top1: hits as f64 / n.max(1) as f64, n, majority, per_class });
+    }
+    let retrieval = match &set.captions {
+        None => None,
+        Some(caps) => {
+            let idx: Vec<usize> = (0..caps.len()).filter(|&i| caps[i].is_some()).collect();
+            if idx.len() < 2 {
+                None
+            } else {
+                let texts: Vec<String> = idx.iter().map(|&i| caps[i].clone().expect("some")).collect();
+                let mut txt = Vec::with_capacity(texts.len());
+                for c in texts.chunks(batch.max(1)) {
+                    txt.extend(model.embed_texts(c)?);
+                }
+                let n = idx.len();
+                let sim: Vec<Vec<f32>> = idx.iter().map(|&i| txt.iter().map(|t| dot(&img_emb[i], t)).collect()).collect();
+                let (mut i1, mut i5, mut t1, mut t5) = (0, 0, 0, 0);
+                for q in 0..n {
+                    let r = rank_of(&sim[q], q);
+                    i1 += (r < 1) as usize;
+                    i5 += (r < 5) as usize;
+                    let col: Vec<f32> = (0..n).map(|j| sim[j][q]).collect();
+                    let r = rank_of(&col, q);
+                    t1 += (r < 1) as usize;
+                    t5 += (r < 5) as usize;
+                }
+                let f = |x: usize| x as f64 / n as f64;
+                Some(Retrieval { image_to_text: RecallAt { r1: f(i1), r5: f(i5) }, text_to_image: RecallAt { r1: f(t1), r5: f(t5) }, n })
+            }
+        }
+    };
+    Ok(EvalReport { model: model.name(), data: set.path.display().to_string(), images: set.images.len(), zero_shot, retrieval })
+}
+
+/// The report as a table for a terminal.
+pub fn format_report(r: &EvalReport) -> String {
+    let mut s = format!("{} on {} ({} images)\n", r.model, r.data, r.images);
+    s.push_str(&format!("  {:<22} {:>7} {:>9} {:>6}\n", "zero-shot task", "top-1", "majority", "n"));
+    for (k, t) in &r.zero_shot {
+        s.push_str(&format!("  {:<22} {:>7.3} {:>9.3} {:>6}\n", k, t.top1, t.majority, t.n));
+    }
+    if let Some(x) = &r.retrieval {
+        s.push_str(&format!(
+            "  retrieval ({} pairs)    image->text R@1 {:.3} R@5 {:.3}   text->image R@1 {:.3} R@5 {:.3}\n",
+            x.n, x.image_to_text.r1, x.image_to_text.r5, x.text_to_image.r1, x.text_to_image.r5
+        ));
+    }
+    s
+}

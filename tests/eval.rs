@@ -1,0 +1,117 @@
+//! `recap eval`: evaluation sets (`recap synth`'s eval.parquet, tools/eval_from_folders.py), and
+//! the same zero-shot and retrieval measures for an ONNX teacher and a trained student.
+
+use std::path::{Path, PathBuf};
+
+use recap::train::eval::{self, EvalSet};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn world(dir: &Path, count: u64, seed: u64) -> PathBuf {
+    let spec = recap::synth::WorldSpec { count, seed, min_size: (160, 120), max_size: (320, 240), corrupt: 2, ..Default::default() };
+    recap::synth::generate(dir, &spec).unwrap();
+    dir.join("eval.parquet")
+}
+
+fn recap_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_recap"))
+}
+
+#[test]
+fn a_teachers_accuracy_on_a_synth_world_is_what_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = world(tmp.path(), 160, 31);
+    let set = EvalSet::open(&data).unwrap();
+    assert_eq!(set.images.len(), 158, "corrupt samples are left out");
+    let names: Vec<&str> = set.spec.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["shape", "color", "background", "count"]);
+    // shape and colour are labelled on single-object images only.
+    let single = set.labels[0].iter().filter(|l| l.is_some()).count();
+    assert_eq!(single, set.labels[1].iter().filter(|l| l.is_some()).count());
+    assert!(single > 20 && single < 158);
+    assert!(set.labels[2].iter().all(Option::is_some) && set.labels[3].iter().all(Option::is_some));
+    let out = std::process::Command::new(recap_bin())
+        .args(["eval", "--model", "models/shapeworld-clip-a", "--data"])
+        .arg(&data)
+        .arg("--json")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("{}", serde_json::to_string_pretty(&r).unwrap());
+    let got = |p: &str| r.pointer(p).and_then(serde_json::Value::as_f64).unwrap_or_else(|| panic!("no {p} in {r}"));
+    for (p, want) in KNOWN {
+        assert!((got(p) - want).abs() < 0.011, "{p}: {} vs {want} recorded", got(p));
+    }
+}
+
+/// clip-a on the world above (seed 31, 160 samples), as onnxruntime-Python with the Hugging Face
+/// processor and CLIP's prompt ensembling computes them independently:
+/// `recap synth --out /tmp/w31 --count 160 --seed 31 --min-size 160x120 --max-size 320x240 --corrupt 2`, then
+/// `python tools/references/eval_reference.py models/shapeworld-clip-a /tmp/w31/eval.parquet`
+/// (hits: shape 36/39, color 39/39, background 56/158, count 38/158; retrieval image→text R@1
+/// 62/158, text→image R@5 151/158).
+const KNOWN: [(&str, f64); 6] = [
+    ("/zero_shot/shape/top1", 36.0 / 39.0),
+    ("/zero_shot/color/top1", 1.0),
+    ("/zero_shot/background/top1", 56.0 / 158.0),
+    ("/zero_shot/count/top1", 38.0 / 158.0),
+    ("/retrieval/image_to_text/r1", 62.0 / 158.0),
+    ("/retrieval/text_to_image/r5", 151.0 / 158.0),
+];
+
+fn python() -> String {
+    std::env::var("RECAP_PYTHON").unwrap_or_else(|_| root().join(".venv/bin/python").display().to_string())
+}
+
+#[test]
+fn an_image_folder_tree_becomes_an_evaluation_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    for (class, rgb) in [("red", [220u8, 40, 40]), ("blue", [40, 80, 220])] {
+        std::fs::create_dir_all(tree.join(class)).unwrap();
+        for k in 0..3u32 {
+            let img = image::RgbImage::from_fn(128, 96, |x, y| {
+                let (cx, cy) = (40 + 16 * k, 48);
+                if x.abs_diff(cx) < 24 && y.abs_diff(cy) < 24 { image::Rgb(rgb) } else { image::Rgb([128, 128, 128]) }
+            });
+            img.save(tree.join(class).join(format!("{k}.png"))).unwrap();
+        }
+    }
+    std::fs::write(tree.join("notes.txt"), "not a class folder").unwrap();
+    let out = tmp.path().join("eval.parquet");
+    let py = python();
+    assert!(Path::new(&py).exists(), "no Python with pyarrow at {py}: run `bash scripts/python-env.sh` (scripts/test.sh does)");
+    let run = std::process::Command::new(&py)
+        .arg(root().join("tools/eval_from_folders.py"))
+        .arg(&tree)
+        .arg(&out)
+        .args(["--task", "colour", "--template", "a {} square.", "--template", "a photo of a {} shape."])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let set = EvalSet::open(&out).unwrap();
+    assert_eq!(set.spec.tasks[0].classes, ["blue", "red"]);
+    assert_eq!(set.labels[0], [Some(0), Some(0), Some(0), Some(1), Some(1), Some(1)]);
+    let opts = recap::models::SessionOptions { intra_threads: 1, ..Default::default() };
+    let mut teacher = recap::models::Clip::load(&root().join("models/shapeworld-clip-a"), &opts).unwrap();
+    let r = eval::evaluate(&mut teacher, &set, 4).unwrap();
+    assert_eq!(r.zero_shot["colour"].n, 6);
+    assert_eq!(r.zero_shot["colour"].top1, 1.0, "a red and a blue square: {r:?}");
+    assert!(r.retrieval.is_none());
+}
+
+#[test]
+fn a_file_that_is_not_an_evaluation_set_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = world(tmp.path(), 4, 1);
+    // urls.parquet is Parquet, but not an evaluation set.
+    recap::synth::write_url_list(tmp.path(), "http://127.0.0.1:1", &[], 0).unwrap();
+    let e = EvalSet::open(&data.with_file_name("urls.parquet")).err().unwrap().to_string();
+    assert!(e.contains("urls.parquet") && e.contains("no recap.eval metadata"), "{e}");
+    let e = eval::load_model(&tmp.path().join("nothing")).err().unwrap().to_string();
+    assert!(e.contains("no such directory"), "{e}");
+}
