@@ -126,7 +126,7 @@ fn a_fixed_batch_is_driven_near_zero_loss() {
     let batch = data::Loader::start(p.shards.clone(), prep, &opts, data::Position::default()).next_batch().unwrap();
     assert_eq!(batch.size, 8);
     let clip = train::model::Clip::init(&p.shape, 0, &candle_core::Device::Cpu).unwrap();
-    let mut t = train::Trainer::new(p, clip).unwrap();
+    let mut t = train::Trainer::new(p.step_spec(), clip).unwrap();
     let (first, ..) = t.step(&batch, 2e-3).unwrap();
     let mut last = first;
     for _ in 0..299 {
@@ -235,4 +235,57 @@ fn a_trained_student_is_evaluated_like_a_teacher() {
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("model/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "CLIPModel");
     assert_eq!(cfg["vision_config"]["patch_size"], 8);
+}
+
+#[test]
+fn a_student_of_the_teachers_shape_inherits_it_exactly() {
+    use recap::train::eval::{Embedder, StudentModel};
+    let f = fixture();
+    let out = tempfile::tempdir().unwrap();
+    let teacher = root().join("models/shapeworld-clip-a");
+    let same = [
+        "model.vision.mlp_dim=128",
+        "model.text.mlp_dim=128",
+        "model.text.context_length=64",
+        &format!("model.init_from={}", teacher.display()),
+    ];
+    let p = plan(&f.reinforced, out.path(), 1, &same).unwrap();
+    let clip = train::model::Clip::init(&p.shape, 7, &candle_core::Device::Cpu).unwrap();
+    let got = train::inherit::inherit(&clip, teacher.to_str().unwrap()).unwrap();
+    assert_eq!((got.whole, got.sliced, got.partial.len()), (clip.params.vars.len(), 0, 0));
+    let dir = out.path().join("student");
+    train::write_model_dir(&clip, &teacher, &dir).unwrap();
+    // The candle student and the teacher's ONNX export (Hugging Face CLIPModel through optimum)
+    // embed images and texts alike: the model code and the weight names are Hugging Face's.
+    let mut student = StudentModel::load(&dir).unwrap();
+    let opts = SessionOptions { intra_threads: 1, ..Default::default() };
+    let mut onnx = Clip::load(&teacher, &opts).unwrap();
+    let world = recap::synth::load_samples(&f._world.dir).unwrap();
+    let images: Vec<image::RgbImage> = world.iter().filter(|s| !s.corrupt).take(6).map(|s| image::open(f._world.dir.join(&s.file)).unwrap().to_rgb8()).collect();
+    let texts: Vec<String> = world.iter().take(6).map(|s| s.caption.clone()).chain(["a red circle.".to_string(), String::new()]).collect();
+    let close = |a: Vec<Vec<f32>>, b: Vec<Vec<f32>>, what: &str| {
+        let d = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-4, "{what}: the inherited student differs from the ONNX teacher by {d}");
+    };
+    close(Embedder::embed_images(&mut student, &images).unwrap(), Embedder::embed_images(&mut onnx, &images).unwrap(), "images");
+    close(Embedder::embed_texts(&mut student, &texts).unwrap(), Embedder::embed_texts(&mut onnx, &texts).unwrap(), "texts");
+
+    // A smaller student: one layer, width 32 in 2 heads of 16 (the teacher: 2 layers, 4 heads of 16).
+    let small = ["model.text.layers=1", "model.text.width=32", "model.text.heads=2", &format!("model.init_from={}", teacher.display())];
+    let p = plan(&f.reinforced, out.path(), 1, &small).unwrap();
+    let clip = train::model::Clip::init(&p.shape, 7, &candle_core::Device::Cpu).unwrap();
+    let got = train::inherit::inherit(&clip, teacher.to_str().unwrap()).unwrap();
+    assert!(got.sliced > 0 && got.layers.contains(&("text_model".to_string(), 0, 0)));
+    let t = candle_core::safetensors::load(teacher.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let q_t: Vec<Vec<f32>> = t["text_model.encoder.layers.0.self_attn.q_proj.weight"].to_vec2().unwrap();
+    let q_s: Vec<Vec<f32>> = clip.params.vars["text_model.encoder.layers.0.self_attn.q_proj.weight"].as_tensor().to_vec2().unwrap();
+    assert_eq!(q_s.len(), 32);
+    for r in 0..32 {
+        assert_eq!(q_s[r][..], q_t[r][..32], "row {r}: the first 2 heads, the first 32 input dims");
+    }
+    // The student's MLP (256 wide in the tiny preset) is wider than the teacher's (128): partly inherited.
+    assert!(got.partial.iter().any(|n| n.contains("mlp.fc1")), "{got:?}");
+    // A teacher whose images do not line up with the student's is refused at plan time.
+    let e = plan(&f.reinforced, out.path(), 1, &["model.vision.image_size=96", &format!("model.init_from={}", teacher.display())]).err().unwrap().to_string();
+    assert!(e.contains("model.init_from") && e.contains("position embeddings"), "{e}");
 }

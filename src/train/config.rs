@@ -182,6 +182,12 @@ pub struct ModelConfig {
     /// The student's `tokenizer.json`, or a directory holding one (a teacher's, usually); its
     /// vocabulary sets the token table, its eos token is where texts are pooled.
     pub tokenizer: String,
+    /// Start from a Hugging Face CLIP's weights: a directory with `model.safetensors` and
+    /// `config.json` (a teacher's, when you have it). A smaller student inherits as TinyCLIP
+    /// does: evenly spaced layers, the leading slice of every width and the first heads. Needs
+    /// the same patch size and image size. Ignored when resuming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 fn default_preset() -> Preset {

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod inherit;
 pub mod loss;
 pub mod model;
 pub mod optim;
@@ -167,6 +168,15 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
     let tokenizer = tokenizer.expect("no problems");
     let shards = shards.expect("no problems");
     let shape = config.shape(tokenizer.inner.get_vocab_size(true), eos_of(&tokenizer.inner));
+    if let Some(init) = &config.model.init_from {
+        let problem = match inherit::teacher_shape(init) {
+            Err(e) => Some(e.to_string()),
+            Ok(t) => inherit::compatible(&shape, &t).err(),
+        };
+        if let Some(message) = problem {
+            return Err(config::config_error(label, vec![Problem { path: "model.init_from".into(), message }]));
+        }
+    }
     let total_steps = match (config.train.steps, config.train.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => {
@@ -222,10 +232,22 @@ struct StepLoss {
     distill: f32,
 }
 
-/// The trainer's state between steps.
+/// What a step computes, besides the model: the loss weights and the teachers' slices and scales.
+#[derive(Debug, Clone)]
+pub struct StepSpec {
+    pub loss: config::LossConfig,
+    pub optim: config::OptimConfig,
+    /// (offset, width) of each teacher in the stored embeddings.
+    pub slices: Vec<(usize, usize)>,
+    pub teacher_scales: Vec<f32>,
+    /// Width of the stored embeddings.
+    pub dim: usize,
+}
+
+/// The trainer's state between steps: the student, its optimiser, what a step computes.
 pub struct Trainer {
-    pub plan: TrainPlan,
     pub clip: Clip,
+    pub spec: StepSpec,
     opt: AdamW,
     device: Device,
 }
@@ -234,14 +256,26 @@ fn tensor(v: &[f32], shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::from_slice(v, shape, dev).map_err(ce("batch tensor"))
 }
 
+impl TrainPlan {
+    pub fn step_spec(&self) -> StepSpec {
+        StepSpec {
+            loss: self.config.loss.clone(),
+            optim: self.config.optim.clone(),
+            slices: self.shards.slices(),
+            teacher_scales: self.teacher_scales.clone(),
+            dim: self.shards.dim,
+        }
+    }
+}
+
 impl Trainer {
-    pub fn new(plan: TrainPlan, clip: Clip) -> Result<Trainer> {
-        let o = &plan.config.optim;
+    pub fn new(spec: StepSpec, clip: Clip) -> Result<Trainer> {
+        let o = &spec.optim;
         let settings = AdamWSettings { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
         let params = clip.params.vars.iter().map(|(k, v)| (k.clone(), v.clone(), model::Params::decays(k, v.as_tensor())));
         let opt = AdamW::new(params, settings)?;
         let device = clip.device.clone();
-        Ok(Trainer { plan, clip, opt, device })
+        Ok(Trainer { spec, clip, opt, device })
     }
 
     /// The losses of a batch, as the config weighs them.
@@ -254,11 +288,11 @@ impl Trainer {
         let img = l2_normalize(&self.clip.encode_image(&px)?)?;
         let txt = l2_normalize(&self.clip.encode_text(&ids, &b.pool_at)?)?;
         let scale = self.clip.logit_scale()?;
-        let dim = self.plan.shards.dim;
+        let dim = self.spec.dim;
         let t_img = tensor(&b.teacher_img, &[b.size, dim], dev)?;
         let t_txt = tensor(&b.teacher_txt, &[n_txt, dim], dev)?;
-        let l = &self.plan.config.loss;
-        let slices = self.plan.shards.slices();
+        let l = &self.spec.loss;
+        let slices = &self.spec.slices;
         let groups = n_txt / b.size.max(1);
         let mut total: Option<Tensor> = None;
         let (mut c_sum, mut d_sum) = (0f32, 0f32);
@@ -276,7 +310,7 @@ impl Trainer {
             }
             if l.distill_weight > 0.0 {
                 let tt = t_txt.narrow(0, g * b.size, b.size).map_err(ce("teacher texts"))?;
-                let targets = loss::teacher_targets(&t_img, &tt, &slices, &self.plan.teacher_scales)?;
+                let targets = loss::teacher_targets(&t_img, &tt, slices, &self.spec.teacher_scales)?;
                 let d = loss::distillation(&logits, &targets)?;
                 d_sum += d.to_scalar::<f32>().map_err(ce("loss"))?;
                 let d = (d * l.distill_weight).map_err(ce("weight"))?;
@@ -301,7 +335,7 @@ impl Trainer {
         }
         let grads = l.total.backward().map_err(ce("backward"))?;
         let norm = self.opt.grad_norm(&grads)?;
-        let scale = match self.plan.config.optim.grad_clip {
+        let scale = match self.spec.optim.grad_clip {
             Some(max) if norm as f64 > max => max / (norm as f64 + 1e-6),
             _ => 1.0,
         };
@@ -461,10 +495,28 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
                 dir.display()
             )))
         }
-        None => (Clip::init(&plan.shape, cfg.train.seed, &device)?, None),
+        None => {
+            let clip = Clip::init(&plan.shape, cfg.train.seed, &device)?;
+            if let Some(init) = &cfg.model.init_from {
+                let got = inherit::inherit(&clip, init)?;
+                tracing::info!(whole = got.whole, sliced = got.sliced, partial = got.partial.len(), from = %init, "inherited teacher weights");
+                eprintln!(
+                    "initialised from {init}: {} tensors whole, {} sliced, {} partly (student wider){}",
+                    got.whole,
+                    got.sliced,
+                    got.partial.len(),
+                    if got.layers.iter().any(|(_, s, t)| s != t) {
+                        format!("; layers {}", got.layers.iter().map(|(tw, s, t)| format!("{}{s}<-{t}", &tw[..1])).collect::<Vec<_>>().join(" "))
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            (clip, None)
+        }
     };
     std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create", &out, e))?;
-    let mut trainer = Trainer::new(plan, clip)?;
+    let mut trainer = Trainer::new(plan.step_spec(), clip)?;
     let metrics_path = out.join("metrics.jsonl");
     let (mut step, mut position, mut samples_seen, mut seconds0, mut wait0, mut skipped) = (0u64, Position::default(), 0u64, 0.0, 0.0, 0u64);
     let resumed_from = if let Some((st, dir)) = &state {
@@ -481,7 +533,6 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
         let _ = std::fs::remove_file(&metrics_path);
         None
     };
-    let plan = &trainer.plan;
     let prep = Prep {
         image_size: plan.shape.vision.image_size as u32,
         processor: data::student_processor(plan.shape.vision.image_size as u32),
@@ -580,7 +631,7 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
     progress.finish_and_clear();
     drop(loader);
     let model_dir = out.join("model");
-    write_model_dir(&trainer.clip, &trainer.plan.tokenizer_dir, &model_dir)?;
+    write_model_dir(&trainer.clip, &plan.tokenizer_dir, &model_dir)?;
     let seconds = started.elapsed().as_secs_f64();
     let run_samples = samples_seen - state.as_ref().map(|s| s.0.samples_seen).unwrap_or(0);
     let summary = TrainSummary {
