@@ -325,7 +325,12 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 s.samples_per_second,
                 s.final_loss,
                 100.0 * s.data_wait_share,
-                s.last_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default(),
+                s.last_eval_loss.map(|l| format!(", held-out loss {l:.4}")).unwrap_or_default()
+                    + &if s.last_zero_shot.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", zero-shot top-1 {}", s.last_zero_shot.iter().map(|(k, v)| format!("{k} {v:.3}")).collect::<Vec<_>>().join(" "))
+                    },
                 if s.samples_skipped > 0 { format!(", {} samples skipped (see RECAP_LOG=warn)", s.samples_skipped) } else { String::new() },
                 s.model_dir
             )

@@ -212,10 +212,13 @@ fn bad_inputs_get_clear_messages() {
 fn a_trained_student_is_evaluated_like_a_teacher() {
     let f = fixture();
     let out = tempfile::tempdir().unwrap();
-    let s = train::run(plan(&f.reinforced, out.path(), 3, &[]).unwrap(), &Default::default()).unwrap();
-    assert_eq!(s.steps, 3);
     // The world the shards came from has its eval.parquet; the run directory is the model.
     let data = f._world.dir.join("eval.parquet");
+    let with_eval = [format!("data.eval_set={}", data.display()), "train.eval_every=3".to_string()];
+    let with_eval: Vec<&str> = with_eval.iter().map(String::as_str).collect();
+    let s = train::run(plan(&f.reinforced, out.path(), 3, &with_eval).unwrap(), &Default::default()).unwrap();
+    assert_eq!(s.steps, 3);
+    assert_eq!(s.last_zero_shot.len(), 4, "{s:?}");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_recap"))
         .args(["eval", "--json", "--model"])
         .arg(out.path())
@@ -227,8 +230,11 @@ fn a_trained_student_is_evaluated_like_a_teacher() {
     let r: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     for task in ["shape", "color", "background", "count"] {
         let t = r["zero_shot"][task]["top1"].as_f64().unwrap_or_else(|| panic!("no zero_shot.{task}.top1 in {r}"));
-        assert!((0.0..=1.0).contains(&t));
+        // The evaluation during training (last step) and `recap eval` of the saved model agree.
+        assert!((t - s.last_zero_shot[task]).abs() < 1e-9, "{task}: {t} by recap eval, {} in training", s.last_zero_shot[task]);
     }
+    let last = metrics(out.path()).pop().unwrap();
+    assert_eq!(last["zero_shot"].as_object().unwrap().len(), 4, "{last}");
     assert_eq!(r["retrieval"]["n"], 40);
     assert!(r["retrieval"]["image_to_text"]["r1"].as_f64().is_some());
     // The student's directory is a Hugging Face CLIP layout.

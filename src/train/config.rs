@@ -55,6 +55,10 @@ pub struct DataConfig {
     /// `train.eval_every` steps.
     #[serde(default)]
     pub eval_shards: Option<String>,
+    /// Optional evaluation set (eval.parquet, see `recap eval`): zero-shot top-1 of each of its
+    /// tasks every `train.eval_every` steps, in metrics.jsonl (a learning curve).
+    #[serde(default)]
+    pub eval_set: Option<String>,
     /// Probability of training on a synthetic caption instead of the alt-text (Recap-DataComp's
     /// p), in `loss.mode: mix`. 0 is alt-text only; rows without an alt-text always use a
     /// synthetic caption.
@@ -342,6 +346,10 @@ pub struct TrainLoopConfig {
     /// CPU threads for the model's maths; 0 = one per core.
     #[serde(default)]
     pub threads: u32,
+    /// `cpu`, or `cuda` / `cuda:N` (needs recap built with `--features cuda`, which needs nvcc).
+    #[serde(default = "default_device")]
+    #[schemars(regex(pattern = r"^(cpu|cuda(:[0-9]+)?)$"))]
+    pub device: String,
     /// Write a metrics line every N steps.
     #[serde(default = "default_log_every")]
     #[schemars(range(min = 1))]
@@ -353,7 +361,8 @@ pub struct TrainLoopConfig {
     #[serde(default = "default_keep")]
     #[schemars(range(min = 1))]
     pub keep_checkpoints: u32,
-    /// Measure the held-out loss (`data.eval_shards`) every N steps; 0 = never.
+    /// Measure the held-out loss (`data.eval_shards`) and zero-shot accuracy (`data.eval_set`)
+    /// every N steps (and at the last); 0 = never.
     #[serde(default)]
     pub eval_every: u64,
     /// Held-out samples measured each time.
@@ -362,6 +371,9 @@ pub struct TrainLoopConfig {
     pub eval_samples: u32,
 }
 
+fn default_device() -> String {
+    "cpu".into()
+}
 fn default_batch() -> u32 {
     64
 }
@@ -389,6 +401,7 @@ impl Default for TrainLoopConfig {
             epochs: None,
             seed: 0,
             threads: 0,
+            device: default_device(),
             log_every: default_log_every(),
             checkpoint_every: default_checkpoint_every(),
             keep_checkpoints: default_keep(),
@@ -513,8 +526,8 @@ impl TrainConfig {
         if self.loss.contrastive_weight == 0.0 && self.loss.distill_weight == 0.0 {
             add("loss", "contrastive_weight and distill_weight are both 0; nothing would be trained".into());
         }
-        if self.train.eval_every > 0 && self.data.eval_shards.is_none() {
-            add("train.eval_every", "is set but data.eval_shards is not; expected held-out shards to measure".into());
+        if self.train.eval_every > 0 && self.data.eval_shards.is_none() && self.data.eval_set.is_none() {
+            add("train.eval_every", "is set but neither data.eval_shards nor data.eval_set is; expected something held out to measure".into());
         }
         if self.output.dir.trim().is_empty() {
             add("output.dir", "empty; expected a directory".into());

@@ -202,32 +202,63 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     t.to_vec2().map_err(ce("embeddings"))
 }
 
+/// Normalised image embeddings of a candle student.
+pub fn student_images(clip: &Student, processor: &ImageProcessor, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+    let s = clip.shape.vision.image_size;
+    let refs: Vec<&RgbImage> = images.iter().collect();
+    let px = processor.batch(&refs, (s as u32, s as u32)).map_err(|e| Error::Internal(format!("student preprocessing: {e}")))?;
+    let px = Tensor::from_vec(px, (images.len(), 3, s, s), &clip.device).map_err(ce("pixels"))?;
+    rows(&l2_normalize(&clip.encode_image(&px)?)?)
+}
+
+/// Normalised text embeddings of a candle student, pooled at each text's first eos.
+pub fn student_texts(clip: &Student, tokenizer: &TextTokenizer, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (ids, mask, len) = tokenizer.batch(&refs).map_err(|e| Error::Internal(format!("tokenising: {e}")))?;
+    let eos = clip.shape.eos_token_id;
+    let pool: Vec<u32> = (0..texts.len())
+        .map(|r| {
+            let valid = mask[r * len..(r + 1) * len].iter().filter(|m| **m == 1).count().max(1);
+            eos.and_then(|e| ids[r * len..r * len + valid].iter().position(|&t| t == e as i64)).unwrap_or(valid - 1) as u32
+        })
+        .collect();
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(ids, (texts.len(), len), &clip.device).map_err(ce("ids"))?;
+    rows(&l2_normalize(&clip.encode_text(&ids, &pool)?)?)
+}
+
 impl Embedder for StudentModel {
     fn name(&self) -> String {
         self.dir.display().to_string()
     }
 
     fn embed_images(&mut self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
-        let s = self.clip.shape.vision.image_size;
-        let refs: Vec<&RgbImage> = images.iter().collect();
-        let px = self.processor.batch(&refs, (s as u32, s as u32)).map_err(|e| Error::model(&self.dir, e))?;
-        let px = Tensor::from_vec(px, (images.len(), 3, s, s), &Device::Cpu).map_err(ce("pixels"))?;
-        rows(&l2_normalize(&self.clip.encode_image(&px)?)?)
+        student_images(&self.clip, &self.processor, images)
     }
 
     fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let (ids, mask, len) = self.tokenizer.batch(&refs).map_err(|e| Error::model(&self.dir, e))?;
-        let eos = self.clip.shape.eos_token_id;
-        let pool: Vec<u32> = (0..texts.len())
-            .map(|r| {
-                let valid = mask[r * len..(r + 1) * len].iter().filter(|m| **m == 1).count().max(1);
-                eos.and_then(|e| ids[r * len..r * len + valid].iter().position(|&t| t == e as i64)).unwrap_or(valid - 1) as u32
-            })
-            .collect();
-        let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
-        let ids = Tensor::from_vec(ids, (texts.len(), len), &Device::Cpu).map_err(ce("ids"))?;
-        rows(&l2_normalize(&self.clip.encode_text(&ids, &pool)?)?)
+        student_texts(&self.clip, &self.tokenizer, texts)
+    }
+}
+
+/// The student being trained, borrowed for an evaluation between steps.
+pub struct LiveStudent<'a> {
+    pub clip: &'a Student,
+    pub processor: &'a ImageProcessor,
+    pub tokenizer: &'a TextTokenizer,
+}
+
+impl Embedder for LiveStudent<'_> {
+    fn name(&self) -> String {
+        "the student in training".into()
+    }
+
+    fn embed_images(&mut self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+        student_images(self.clip, self.processor, images)
+    }
+
+    fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        student_texts(self.clip, self.tokenizer, texts)
     }
 }
 

@@ -170,7 +170,7 @@ pub fn inherit(student: &Clip, spec: &str) -> Result<Inherited> {
         } else {
             out.partial.push(name.clone());
         }
-        let new = Tensor::from_vec(dst, dd.as_slice(), &Device::Cpu).map_err(ce(name))?;
+        let new = Tensor::from_vec(dst, dd.as_slice(), var.device()).map_err(ce(name))?;
         var.set(&new).map_err(ce(name))?;
     }
     Ok(out)

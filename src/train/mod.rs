@@ -53,6 +53,9 @@ pub struct TrainSummary {
     pub resumed_from: Option<u64>,
     pub model_dir: String,
     pub last_eval_loss: Option<f32>,
+    /// Zero-shot top-1 per task of `data.eval_set` at the last evaluation.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub last_zero_shot: std::collections::BTreeMap<String, f64>,
 }
 
 /// A checkpoint's `state.json`.
@@ -80,6 +83,7 @@ pub struct TrainPlan {
     pub shape: ClipShape,
     pub teacher_scales: Vec<f32>,
     pub total_steps: u64,
+    pub eval_set: Option<Arc<eval::EvalSet>>,
 }
 
 /// The eos id a tokenizer appends: the last special token of an empty text's encoding.
@@ -122,6 +126,19 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
             Ok(s) => Some(s),
             Err(e) => {
                 add("data.eval_shards", e);
+                None
+            }
+        },
+    };
+    if let Err(e) = train_device(&config.train.device) {
+        add("train.device", e);
+    }
+    let eval_set = match &config.data.eval_set {
+        None => None,
+        Some(p) => match eval::EvalSet::open(Path::new(p)) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                add("data.eval_set", e);
                 None
             }
         },
@@ -194,6 +211,7 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
         shape,
         teacher_scales,
         total_steps,
+        eval_set,
         config,
     })
 }
@@ -421,6 +439,8 @@ struct MetricsLine {
     data_wait: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     eval_loss: Option<f32>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    zero_shot: std::collections::BTreeMap<String, f64>,
 }
 
 /// Keep only the metrics lines up to `step` (what a checkpoint covers), so a resumed run's file
@@ -459,7 +479,7 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
         // candle's CPU kernels size their thread pool from this variable (read per call).
         std::env::set_var("RAYON_NUM_THREADS", cfg.train.threads.to_string());
     }
-    let device = Device::Cpu;
+    let device = train_device(&cfg.train.device)?;
     let existing = checkpoints(&out);
     let (clip, state) = match existing.last() {
         Some((step, dir)) if opts.resume => {
@@ -563,6 +583,8 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
     let (mut wait, mut window_start, mut window_samples, mut window_wait) = (0.0f64, Instant::now(), 0u64, 0.0f64);
     let mut last_loss = f32::NAN;
     let mut last_eval = None;
+    let mut last_zero_shot = std::collections::BTreeMap::new();
+    let student_processor = data::student_processor(plan.shape.vision.image_size as u32);
     let o = cfg.optim.clone();
     while step < total {
         let t = Instant::now();
@@ -592,7 +614,18 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
         if eval_loss.is_some() {
             last_eval = eval_loss;
         }
-        if step % cfg.train.log_every == 0 || step == total || eval_loss.is_some() {
+        let zero_shot = match &plan.eval_set {
+            Some(set) if cfg.train.eval_every > 0 && (step % cfg.train.eval_every == 0 || step == total) => {
+                let mut live = eval::LiveStudent { clip: &trainer.clip, processor: &student_processor, tokenizer: &plan.tokenizer };
+                let r = eval::evaluate(&mut live, set, 128)?;
+                r.zero_shot.iter().map(|(k, v)| (k.clone(), v.top1)).collect()
+            }
+            _ => std::collections::BTreeMap::new(),
+        };
+        if !zero_shot.is_empty() {
+            last_zero_shot = zero_shot.clone();
+        }
+        if step % cfg.train.log_every == 0 || step == total || eval_loss.is_some() || !zero_shot.is_empty() {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let line = MetricsLine {
                 step,
@@ -607,6 +640,7 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
                 samples_per_s: window_samples as f64 / secs,
                 data_wait: window_wait / secs,
                 eval_loss,
+                zero_shot,
             };
             writeln!(metrics, "{}", serde_json::to_string(&line).expect("metrics serialise")).map_err(|e| Error::io("cannot write", &metrics_path, e))?;
             progress.set_message(format!("loss {loss:.4} {:.1} samples/s", line.samples_per_s));
@@ -646,10 +680,30 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
         resumed_from,
         model_dir: model_dir.display().to_string(),
         last_eval_loss: last_eval,
+        last_zero_shot,
     };
     let sp = out.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("summary serialises")).map_err(|e| Error::io("cannot write", &sp, e))?;
     Ok(summary)
+}
+
+/// The candle device a config names.
+pub fn train_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s => {
+            let n: usize = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest.trim_start_matches(':').parse().map_err(|_| Error::Usage(format!("train.device {s:?}: expected cpu, cuda or cuda:N")))?,
+                None => return Err(Error::Usage(format!("train.device {s:?}: expected cpu, cuda or cuda:N"))),
+            };
+            Device::new_cuda(n).map_err(|e| {
+                Error::Usage(format!(
+                    "{e}; a CUDA run needs recap built with `cargo build --release --features cuda` (nvcc and the CUDA toolkit at build time)"
+                ))
+            })
+        }
+    }
 }
 
 fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
