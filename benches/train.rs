@@ -9,6 +9,10 @@
 
 use std::time::Instant;
 
+// As the recap binary (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use recap::train::config::{LossConfig, OptimConfig, Preset};

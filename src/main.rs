@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+// The trainer allocates a fresh buffer per tensor op: glibc's malloc maps and unmaps the large
+// ones each time (page faults and TLB shootdowns were most of a training step); mimalloc keeps
+// and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = recap::cli::Cli::parse();
     tracing_subscriber::fmt()

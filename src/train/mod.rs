@@ -13,6 +13,7 @@ pub mod eval;
 pub mod inherit;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod optim;
 
 use std::io::Write;

@@ -406,6 +406,7 @@ impl Clip {
 
     /// `x @ Wᵀ + b` over the last dimension, for any leading shape.
     fn linear(&self, x: &Tensor, name: &str, bias: bool) -> Result<Tensor> {
+        // (fc1 is called without its bias, which goes in with the activation.)
         let w = self.params.get(&format!("{name}.weight"))?;
         self.linear_w(x, &w, if bias { Some(self.params.get(&format!("{name}.bias"))?) } else { None })
     }
@@ -417,7 +418,7 @@ impl Clip {
         let rows = x.elem_count() / d_in;
         let y = x.reshape((rows, d_in)).and_then(|x| x.matmul(&w.t()?)).map_err(f)?;
         let y = match b {
-            Some(b) => y.broadcast_add(&b).map_err(ce("bias"))?,
+            Some(b) => bias_act(&y, &b, None)?,
             None => y,
         };
         let mut out = dims;
@@ -436,11 +437,8 @@ impl Clip {
         let h = self.attention(&h, &format!("{p}.self_attn"), heads, mask)?;
         let x = (x + h).map_err(ce("residual"))?;
         let h = self.layer_norm(&x, &format!("{p}.layer_norm2"))?;
-        let h = self.linear(&h, &format!("{p}.mlp.fc1"), true)?;
-        let h = match self.shape.activation {
-            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu"))?,
-            Activation::Gelu => h.gelu_erf().map_err(ce("gelu"))?,
-        };
+        let h = self.linear(&h, &format!("{p}.mlp.fc1"), false)?;
+        let h = bias_act(&h, &self.params.get(&format!("{p}.mlp.fc1.bias"))?, Some(self.shape.activation))?;
         let h = self.linear(&h, &format!("{p}.mlp.fc2"), true)?;
         (x + h).map_err(ce("residual"))
     }
@@ -448,34 +446,55 @@ impl Clip {
     fn attention(&self, x: &Tensor, p: &str, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
         let f = |what: &'static str| ce(what);
         let (b, t, d) = x.dims3().map_err(f("attention input"))?;
-        let hd = d / heads;
-        // One matmul for q, k and v: the three weights side by side.
-        let get = |n: &str| self.params.get(&format!("{p}.{n}"));
-        let w = Tensor::cat(&[&get("q_proj.weight")?, &get("k_proj.weight")?, &get("v_proj.weight")?], 0).map_err(f("qkv"))?;
-        let bias = Tensor::cat(&[&get("q_proj.bias")?, &get("k_proj.bias")?, &get("v_proj.bias")?], 0).map_err(f("qkv"))?;
-        let qkv = self.linear_w(x, &w, Some(bias))?;
-        let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * d, d)
-                .and_then(|x| x.reshape((b, t, heads, hd)))
-                .and_then(|t| t.transpose(1, 2))
-                .and_then(|t| t.contiguous())
-                .map_err(f("split heads"))
+        let q = self.linear(x, &format!("{p}.q_proj"), true)?;
+        let k = self.linear(x, &format!("{p}.k_proj"), true)?;
+        let v = self.linear(x, &format!("{p}.v_proj"), true)?;
+        let out = if x.device().is_cpu() {
+            super::ops::attention(&q, &k, &v, heads, mask.is_some()).map_err(f("attention"))?
+        } else {
+            let hd = d / heads;
+            let split = |x: &Tensor| -> Result<Tensor> {
+                x.reshape((b, t, heads, hd)).and_then(|x| x.transpose(1, 2)).and_then(|x| x.contiguous()).map_err(f("split heads"))
+            };
+            let q = (split(&q)? * (hd as f64).powf(-0.5)).map_err(f("scale"))?;
+            let (k, v) = (split(&k)?, split(&v)?);
+            let mut scores = q.matmul(&k.t().map_err(f("kT"))?).map_err(f("scores"))?;
+            if let Some(m) = mask {
+                scores = scores.broadcast_add(m).map_err(f("mask"))?;
+            }
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1).map_err(f("softmax"))?;
+            let out = probs.matmul(&v).map_err(f("attend"))?;
+            out.transpose(1, 2).and_then(|x| x.reshape((b, t, d))).map_err(f("merge heads"))?
         };
-        let q = (split(0)? * (hd as f64).powf(-0.5)).map_err(f("scale"))?;
-        let (k, v) = (split(1)?, split(2)?);
-        let mut scores = q.matmul(&k.t().map_err(f("kT"))?).map_err(f("scores"))?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m).map_err(f("mask"))?;
-        }
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1).map_err(f("softmax"))?;
-        let out = probs.matmul(&v).map_err(f("attend"))?;
-        let out = out.transpose(1, 2).and_then(|x| x.reshape((b, t, d))).map_err(f("merge heads"))?;
         self.linear(&out, &format!("{p}.out_proj"), true)
     }
 }
 
-/// (x − mean) / sqrt(var + ε) · γ + β over the last dimension, from ops that all have a backward.
+/// act(x + b): the fused op on CPU, candle's ops elsewhere.
+fn bias_act(x: &Tensor, b: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return super::ops::bias_act(x, b, act).map_err(ce("bias"));
+    }
+    let h = x.broadcast_add(b).map_err(ce("bias"))?;
+    match act {
+        None => Ok(h),
+        Some(Activation::QuickGelu) => (&h * candle_nn::ops::sigmoid(&(&h * 1.702).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu")),
+        Some(Activation::Gelu) => h.gelu_erf().map_err(ce("gelu")),
+    }
+}
+
+/// (x − mean) / sqrt(var + ε) · γ + β over the last dimension: the fused op on CPU, the
+/// composed ops elsewhere.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        super::ops::layer_norm(x, gamma, beta, LN_EPS).map_err(ce("layer norm"))
+    } else {
+        layer_norm_composed(x, gamma, beta)
+    }
+}
+
+/// Layer norm from primitive ops, all with a backward (candle-nn's fused one has none).
+pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
     let f = ce("layer norm");
     let mean = x.mean_keepdim(D::Minus1).map_err(ce("layer norm"))?;
     let xc = x.broadcast_sub(&mean).map_err(ce("layer norm"))?;

@@ -1,0 +1,450 @@
+//! Fused CPU ops with hand-written backward passes, for the student's hot path.
+//!
+//! candle builds a training step from many small ops, and its backward pass gives each node a
+//! fresh zeroed gradient buffer to add into; on CPU that bookkeeping, the copies of transposes
+//! and the strided reductions behind broadcasts cost several times the maths itself (measured:
+//! a tiny-preset step took 7× PyTorch's). Each op here replaces a chain of them with one forward
+//! and one backward written out: layer norm, bias + activation, and the whole attention core
+//! (scores, causal mask, softmax, weighted sum; recomputed in the backward, as FlashAttention
+//! does, so nothing is stored). Every op is checked against the composed candle ops it replaces
+//! (values and gradients) in the tests below, and the composed ops stay the path off the CPU.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::model::Activation;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Run `f` on a tensor's data, made contiguous first (CPU only).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => f(contiguous(s, l, "fused op")?),
+        _ => candle_core::bail!("fused CPU op on a non-CPU tensor"),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape, like: &Tensor) -> CResult<Tensor> {
+    Tensor::from_vec(v, shape.clone(), like.device())
+}
+
+/// Rows handed to one rayon task: enough work to beat the scheduling cost.
+fn chunk_rows(d: usize) -> usize {
+    (16384 / d.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm over the last dimension.
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn ln_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / d;
+    let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "recap-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "layer norm input")?;
+        let (g, b) = (contiguous(s2, l2, "layer norm weight")?, contiguous(s3, l3, "layer norm bias")?);
+        let d = g.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * chunk_rows(d)).zip(x.par_chunks(d * chunk_rows(d))).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let (mean, rstd) = ln_stats(xr, self.eps);
+                for i in 0..d {
+                    yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, g: &Tensor, _b: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = g.elem_count();
+        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, dg, db) = with_data(x, |xv| {
+            with_data(dy, |dyv| {
+                let rows = xv.len() / d;
+                let cr = chunk_rows(d);
+                let mut dx = vec![0f32; xv.len()];
+                // Per chunk: dx rows, and partial sums of dγ and dβ, added up after.
+                let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+                    .par_chunks_mut(d * cr)
+                    .enumerate()
+                    .map(|(c, dxc)| {
+                        let mut dg = vec![0f32; d];
+                        let mut db = vec![0f32; d];
+                        let mut dxhat = vec![0f32; d];
+                        for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                            let row = c * cr + r;
+                            let xr = &xv[row * d..(row + 1) * d];
+                            let dyr = &dyv[row * d..(row + 1) * d];
+                            let (mean, rstd) = ln_stats(xr, self.eps);
+                            let (mut m1, mut m2) = (0f32, 0f32);
+                            for i in 0..d {
+                                let xhat = (xr[i] - mean) * rstd;
+                                dg[i] += dyr[i] * xhat;
+                                db[i] += dyr[i];
+                                dxhat[i] = dyr[i] * gv[i];
+                                m1 += dxhat[i];
+                                m2 += dxhat[i] * xhat;
+                            }
+                            let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                            for i in 0..d {
+                                let xhat = (xr[i] - mean) * rstd;
+                                dxr[i] = rstd * (dxhat[i] - m1 - xhat * m2);
+                            }
+                        }
+                        (dg, db)
+                    })
+                    .collect();
+                let _ = rows;
+                let mut dg = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                for (a, b) in partial {
+                    dg.iter_mut().zip(a).for_each(|(s, v)| *s += v);
+                    db.iter_mut().zip(b).for_each(|(s, v)| *s += v);
+                }
+                Ok((dx, dg, db))
+            })
+        })?;
+        Ok((Some(tensor(dx, x.shape(), x)?), Some(tensor(dg, g.shape(), g)?), Some(tensor(db, g.shape(), g)?)))
+    }
+}
+
+/// (x − mean) / sqrt(var + ε) · γ + β over the last dimension; x contiguous or made so.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResult<Tensor> {
+    x.contiguous()?.apply_op3(gamma, beta, LayerNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias add, with an optional activation: y = act(x + b), x [.., d], b [d].
+
+struct BiasAct {
+    act: Option<Activation>,
+}
+
+fn act_fwd(act: Option<Activation>, v: f32) -> f32 {
+    match act {
+        Some(Activation::QuickGelu) => v / (1.0 + (-1.702 * v).exp()),
+        _ => v,
+    }
+}
+
+fn act_grad(act: Option<Activation>, v: f32) -> f32 {
+    match act {
+        Some(Activation::QuickGelu) => {
+            let s = 1.0 / (1.0 + (-1.702 * v).exp());
+            s + 1.702 * v * s * (1.0 - s)
+        }
+        _ => 1.0,
+    }
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "recap-bias-act"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "bias input")?;
+        let b = contiguous(s2, l2, "bias")?;
+        let d = b.len();
+        let mut y = vec![0f32; x.len()];
+        let act = self.act;
+        y.par_chunks_mut(d * chunk_rows(d)).zip(x.par_chunks(d * chunk_rows(d))).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                for i in 0..d {
+                    yr[i] = act_fwd(act, xr[i] + b[i]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let d = b.elem_count();
+        let bv = b.flatten_all()?.to_vec1::<f32>()?;
+        let act = self.act;
+        let (dx, db) = with_data(dy, |dyv| {
+            let cr = chunk_rows(d);
+            let dpre: Vec<f32> = match act {
+                None => dyv.to_vec(),
+                Some(_) => with_data(x, |xv| {
+                    let mut out = vec![0f32; xv.len()];
+                    out.par_chunks_mut(d * cr).zip(xv.par_chunks(d * cr)).zip(dyv.par_chunks(d * cr)).for_each(|((oc, xc), gc)| {
+                        for ((or, xr), gr) in oc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                            for i in 0..d {
+                                or[i] = gr[i] * act_grad(act, xr[i] + bv[i]);
+                            }
+                        }
+                    });
+                    Ok(out)
+                })?,
+            };
+            let partial: Vec<Vec<f32>> = dpre
+                .par_chunks(d * cr)
+                .map(|c| {
+                    let mut s = vec![0f32; d];
+                    for r in c.chunks(d) {
+                        s.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+                    }
+                    s
+                })
+                .collect();
+            let mut db = vec![0f32; d];
+            for p in partial {
+                db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+            }
+            Ok((dpre, db))
+        })?;
+        Ok((Some(tensor(dx, x.shape(), x)?), Some(tensor(db, b.shape(), b)?)))
+    }
+}
+
+/// act(x + b) with b broadcast over the last dimension; `gelu` (exact) is applied after the
+/// fused bias by candle's own op.
+pub fn bias_act(x: &Tensor, b: &Tensor, act: Option<Activation>) -> CResult<Tensor> {
+    match act {
+        Some(Activation::Gelu) => x.contiguous()?.apply_op2(b, BiasAct { act: None })?.gelu_erf(),
+        _ => x.contiguous()?.apply_op2(b, BiasAct { act }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention core: q, k, v [B, T, D] with H heads interleaved in D →
+// softmax(q_h k_hᵀ / sqrt(hd) (+ causal mask)) v_h, written back as [B, T, D].
+
+struct Attention {
+    heads: usize,
+    causal: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+/// dst[m×n] (+)= lhs[m×k] · rhs[k×n], all strided (row stride, column stride), single-threaded.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, d_rs: usize, d_cs: usize, acc: bool, lhs: *const f32, l_rs: usize, l_cs: usize, rhs: *const f32, r_rs: usize, r_cs: usize, beta: f32) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        d_cs as isize,
+        d_rs as isize,
+        acc,
+        lhs,
+        l_cs as isize,
+        l_rs as isize,
+        rhs,
+        r_cs as isize,
+        r_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl Attention {
+    /// The probabilities P [T, T] of head h of batch b, from q and k.
+    fn probs(&self, q: &[f32], k: &[f32], b: usize, h: usize, t: usize, d: usize, p: &mut [f32]) {
+        let hd = d / self.heads;
+        let scale = (hd as f32).powf(-0.5);
+        let off = b * t * d + h * hd;
+        unsafe { mm(t, t, hd, p.as_mut_ptr(), t, 1, false, q.as_ptr().add(off), d, 1, k.as_ptr().add(off), 1, d, scale) };
+        for i in 0..t {
+            let row = &mut p[i * t..(i + 1) * t];
+            let valid = if self.causal { i + 1 } else { t };
+            let max = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row[..valid].iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..valid].iter_mut().for_each(|x| *x *= inv);
+            row[valid..].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "recap-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (q, k, v) = (contiguous(s1, l1, "q")?, contiguous(s2, l2, "k")?, contiguous(s3, l3, "v")?);
+        let (b, t, d) = l1.shape().dims3()?;
+        let hd = d / self.heads;
+        let mut out = vec![0f32; q.len()];
+        let o = Ptr(out.as_mut_ptr());
+        (0..b * self.heads).into_par_iter().for_each_init(
+            || vec![0f32; t * t],
+            |p, job| {
+                let (bi, h) = (job / self.heads, job % self.heads);
+                self.probs(q, k, bi, h, t, d, p);
+                let off = bi * t * d + h * hd;
+                let o = o;
+                // Each (b, h) writes its own columns of its own rows: disjoint.
+                unsafe { mm(t, hd, t, o.0.add(off), d, 1, false, p.as_ptr(), t, 1, v.as_ptr().add(off), d, 1, 1.0) };
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, dout: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, d) = q.dims3()?;
+        let hd = d / self.heads;
+        let scale = (hd as f32).powf(-0.5);
+        let (dq, dk, dv) = with_data(q, |qv| {
+            with_data(k, |kv| {
+                with_data(v, |vv| {
+                    with_data(dout, |gv| {
+                        let mut dq = vec![0f32; qv.len()];
+                        let mut dk = vec![0f32; qv.len()];
+                        let mut dv = vec![0f32; qv.len()];
+                        let (pq, pk, pv) = (Ptr(dq.as_mut_ptr()), Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()));
+                        (0..b * self.heads).into_par_iter().for_each_init(
+                            || (vec![0f32; t * t], vec![0f32; t * t]),
+                            |(p, dp), job| {
+                                let (bi, h) = (job / self.heads, job % self.heads);
+                                self.probs(qv, kv, bi, h, t, d, p);
+                                let off = bi * t * d + h * hd;
+                                let (pq, pk, pv) = (pq, pk, pv);
+                                unsafe {
+                                    // dV = Pᵀ dO
+                                    mm(t, hd, t, pv.0.add(off), d, 1, false, p.as_ptr(), 1, t, gv.as_ptr().add(off), d, 1, 1.0);
+                                    // dP = dO Vᵀ
+                                    mm(t, t, hd, dp.as_mut_ptr(), t, 1, false, gv.as_ptr().add(off), d, 1, vv.as_ptr().add(off), 1, d, 1.0);
+                                }
+                                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the scale of S.
+                                for i in 0..t {
+                                    let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                    for j in 0..t {
+                                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                                    }
+                                }
+                                unsafe {
+                                    // dQ = dS K; dK = dSᵀ Q
+                                    mm(t, hd, t, pq.0.add(off), d, 1, false, dp.as_ptr(), t, 1, kv.as_ptr().add(off), d, 1, 1.0);
+                                    mm(t, hd, t, pk.0.add(off), d, 1, false, dp.as_ptr(), 1, t, qv.as_ptr().add(off), d, 1, 1.0);
+                                }
+                            },
+                        );
+                        Ok((dq, dk, dv))
+                    })
+                })
+            })
+        })?;
+        Ok((Some(tensor(dq, q.shape(), q)?), Some(tensor(dk, k.shape(), k)?), Some(tensor(dv, v.shape(), v)?)))
+    }
+}
+
+/// Multi-head attention of q, k, v [B, T, D] (heads interleaved in D, as the projections make
+/// them), causal or not → [B, T, D].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> CResult<Tensor> {
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { heads, causal })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d < tol, "{what}: fused and composed differ by {d}");
+    }
+
+    fn var(dims: &[usize], seed: u64) -> Var {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = dims.iter().product();
+        Var::from_vec((0..n).map(|_| r.random_range(-1.0f32..1.0)).collect(), dims, &Device::Cpu).unwrap()
+    }
+
+    /// Value and gradients of a fused op against the composed candle ops, through a random
+    /// weighting of the output (so every output element's gradient differs).
+    fn check(inputs: &[&Var], fused: impl Fn() -> Tensor, composed: impl Fn() -> Tensor, what: &str) {
+        let yf = fused();
+        let yc = composed();
+        close(&yf, &yc, 1e-5, what);
+        let w = var(yf.dims(), 99).as_tensor().clone();
+        let gf = (&yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, x) in inputs.iter().enumerate() {
+            close(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap(), 1e-4, &format!("{what}: gradient of input {i}"));
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_ops() {
+        let (x, g, b) = (var(&[3, 5, 16], 1), var(&[16], 2), var(&[16], 3));
+        check(&[&x, &g, &b], || layer_norm(&x, &g, &b, 1e-5).unwrap(), || super::super::model::layer_norm_composed(&x, &g, &b).unwrap(), "layer norm");
+    }
+
+    #[test]
+    fn bias_and_activations_match_the_composed_ops() {
+        let (x, b) = (var(&[4, 7, 12], 4), var(&[12], 5));
+        for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
+            let composed = || {
+                let h = x.broadcast_add(&b).unwrap();
+                match act {
+                    None => h,
+                    Some(Activation::QuickGelu) => (&h * candle_nn::ops::sigmoid(&(&h * 1.702).unwrap()).unwrap()).unwrap(),
+                    Some(Activation::Gelu) => h.gelu_erf().unwrap(),
+                }
+            };
+            check(&[&x, &b], || bias_act(&x, &b, act).unwrap(), composed, &format!("bias {act:?}"));
+        }
+    }
+
+    #[test]
+    fn attention_matches_the_composed_ops() {
+        let (bs, t, heads, d) = (2, 6, 2, 8);
+        let (q, k, v) = (var(&[bs, t, d], 6), var(&[bs, t, d], 7), var(&[bs, t, d], 8));
+        for causal in [false, true] {
+            let composed = || {
+                let split = |x: &Var| x.reshape((bs, t, heads, d / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                let (qh, kh, vh) = (split(&q), split(&k), split(&v));
+                let mut s = (qh.matmul(&kh.t().unwrap()).unwrap() * ((d / heads) as f64).powf(-0.5)).unwrap();
+                if causal {
+                    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
+                    s = s.broadcast_add(&Tensor::from_vec(m, (t, t), &Device::Cpu).unwrap()).unwrap();
+                }
+                let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+                p.matmul(&vh).unwrap().transpose(1, 2).unwrap().reshape((bs, t, d)).unwrap()
+            };
+            check(&[&q, &k, &v], || attention(&q, &k, &v, heads, causal).unwrap(), composed, &format!("attention causal={causal}"));
+        }
+    }
+}
