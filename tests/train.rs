@@ -200,6 +200,9 @@ fn bad_inputs_get_clear_messages() {
     // Teacher scales that do not match the shards' teachers.
     let e = plan(&f.reinforced, out.path(), 2, &["loss.teacher_scales=[70, 60, 50]"]).err().unwrap().to_string();
     assert!(e.contains("loss.teacher_scales: 3 values for 2 teachers") && e.contains("shapeworld-clip-b 48-d"), "{e}");
+    // Teachers of other widths than the config expects.
+    let e = plan(&f.reinforced, out.path(), 2, &["data.teacher_dims=[768, 768]"]).err().unwrap().to_string();
+    assert!(e.contains("data.teacher_dims: [768, 768] expected") && e.contains("widths [64, 48]") && e.contains("00000.parquet"), "{e}");
     // A diverging run stops with the step and what to do, never a panic.
     let e = train::run(plan(&f.reinforced, out.path(), 20, &["optim.lr=1e12", "optim.grad_clip=null", "optim.warmup_steps=0"]).unwrap(), &Default::default())
         .err()

@@ -67,6 +67,10 @@ pub struct DataConfig {
     pub synthetic_prob: f64,
     #[serde(default = "default_views")]
     pub views: ViewChoice,
+    /// The widths of the shards' teachers, in `recap.teachers` order, when the run depends on
+    /// them (e.g. 768 768 for two ViT-L/14): shards scored by other teachers are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_dims: Option<Vec<u32>>,
     /// Samples held in the shuffle buffer (more mixes better and costs memory: each holds its
     /// stored image).
     #[serde(default = "default_shuffle_buffer")]

@@ -164,6 +164,19 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
                 ),
             });
         }
+        if let Some(want) = &config.data.teacher_dims {
+            let got: Vec<u32> = s.teachers.iter().map(|t| t.dim as u32).collect();
+            if &got != want {
+                problems.push(Problem {
+                    path: "data.teacher_dims".into(),
+                    message: format!(
+                        "{want:?} expected, but {} holds teachers of widths {got:?} ({})",
+                        s.files[0].display(),
+                        s.teachers.iter().map(|t| t.model.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
         let needs_synthetic = config.loss.mode == LossMode::Dr || config.data.synthetic_prob > 0.0;
         if needs_synthetic && !s.synthetic {
             problems.push(Problem {
