@@ -9,12 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
 bash scripts/fetch-ort.sh >/dev/null
-venv=${FIXTURES_VENV:-.venv-fixtures}
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check torch==2.15.0
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tools/fixtures/requirements.txt
-fi
+venv=$(bash scripts/fixtures-env.sh)
 # RUNS rounds (default 3), recap and Python alternating, so a noisy spell of the VM hits both
 # sides; each figure printed is the median of its rounds, with the range of the ratio.
 runs=${RUNS:-3}

@@ -10,12 +10,7 @@ cd "$(dirname "$0")/.."
 threads=${1:-2}
 batch=${2:-64}
 shards=${3:-recap-demo/shards}
-venv=${FIXTURES_VENV:-.venv-fixtures}
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, transformers' 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check torch==2.15.0
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tools/fixtures/requirements.txt
-fi
+venv=$(bash scripts/fixtures-env.sh)
 runs=${RUNS:-3}
 cargo bench --no-default-features --bench train --no-run 2>/dev/null
 rs="" py=""
