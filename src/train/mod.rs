@@ -388,14 +388,15 @@ impl Trainer {
         Ok((sum / n.max(1) as f64) as f32)
     }
 
-    fn save_checkpoint(&self, out: &Path, state: &CheckpointState, keep: usize) -> Result<()> {
+    /// A checkpoint is a model directory (evaluable as it is by `recap eval`) plus the optimiser
+    /// moments and the state.
+    fn save_checkpoint(&self, out: &Path, state: &CheckpointState, keep: usize, tokenizer_dir: &Path) -> Result<()> {
         let dir = checkpoints_dir(out);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
         let name = format!("step-{:08}", state.step);
         let tmp = dir.join(format!(".tmp-{name}"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        self.clip.save(&tmp.join("model.safetensors"))?;
+        write_model_dir(&self.clip, tokenizer_dir, &tmp)?;
         self.opt.save(&tmp.join("optimizer.safetensors"))?;
         let json = serde_json::to_string_pretty(state).expect("state serialises");
         std::fs::write(tmp.join("state.json"), json).map_err(|e| Error::io("cannot write", tmp.join("state.json"), e))?;
@@ -673,7 +674,7 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
                 data_wait_seconds: wait0 + wait,
                 samples_skipped: skipped,
             };
-            trainer.save_checkpoint(&out, &st, cfg.train.keep_checkpoints as usize)?;
+            trainer.save_checkpoint(&out, &st, cfg.train.keep_checkpoints as usize, &plan.tokenizer_dir)?;
         }
     }
     progress.finish_and_clear();
