@@ -406,12 +406,14 @@ impl Clip {
 
     /// `x @ Wᵀ + b` over the last dimension, for any leading shape.
     fn linear(&self, x: &Tensor, name: &str, bias: bool) -> Result<Tensor> {
-        // (fc1 is called without its bias, which goes in with the activation.)
         let w = self.params.get(&format!("{name}.weight"))?;
         self.linear_w(x, &w, if bias { Some(self.params.get(&format!("{name}.bias"))?) } else { None })
     }
 
     fn linear_w(&self, x: &Tensor, w: &Tensor, b: Option<Tensor>) -> Result<Tensor> {
+        if let (Some(b), true) = (&b, x.device().is_cpu()) {
+            return super::ops::linear(x, w, b).map_err(ce("linear"));
+        }
         let f = ce("linear");
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("rank ≥ 1");
@@ -437,8 +439,8 @@ impl Clip {
         let h = self.attention(&h, &format!("{p}.self_attn"), heads, mask)?;
         let x = (x + h).map_err(ce("residual"))?;
         let h = self.layer_norm(&x, &format!("{p}.layer_norm2"))?;
-        let h = self.linear(&h, &format!("{p}.mlp.fc1"), false)?;
-        let h = bias_act(&h, &self.params.get(&format!("{p}.mlp.fc1.bias"))?, Some(self.shape.activation))?;
+        let h = self.linear(&h, &format!("{p}.mlp.fc1"), true)?;
+        let h = activation(&h, self.shape.activation)?;
         let h = self.linear(&h, &format!("{p}.mlp.fc2"), true)?;
         (x + h).map_err(ce("residual"))
     }
@@ -467,6 +469,15 @@ impl Clip {
             out.transpose(1, 2).and_then(|x| x.reshape((b, t, d))).map_err(f("merge heads"))?
         };
         self.linear(&out, &format!("{p}.out_proj"), true)
+    }
+}
+
+/// The MLP's activation: the fused op (with its own backward) on CPU for quick_gelu.
+fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::QuickGelu if x.device().is_cpu() => super::ops::quick_gelu(x).map_err(ce("quick_gelu")),
+        Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu")),
+        Activation::Gelu => x.gelu_erf().map_err(ce("gelu")),
     }
 }
 

@@ -231,6 +231,122 @@ pub fn bias_act(x: &Tensor, b: &Tensor, act: Option<Activation>) -> CResult<Tens
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear: y = x Wᵀ + b, x [.., in], W [out, in] (PyTorch's layout), b [out]. One node instead of
+// transpose + matmul + broadcast add; the weight gradient comes out in W's own layout.
+
+struct Linear;
+
+fn threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// Column sums of a [rows, d] matrix.
+fn col_sums(m: &[f32], d: usize) -> Vec<f32> {
+    let partial: Vec<Vec<f32>> = m
+        .par_chunks(d * chunk_rows(d))
+        .map(|c| {
+            let mut s = vec![0f32; d];
+            for r in c.chunks(d) {
+                s.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            s
+        })
+        .collect();
+    let mut out = vec![0f32; d];
+    for p in partial {
+        out.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    out
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "recap-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous(s1, l1, "linear input")?, contiguous(s2, l2, "linear weight")?, contiguous(s3, l3, "linear bias")?);
+        let (out, inp) = l2.shape().dims2()?;
+        let rows = x.len() / inp;
+        let mut y = vec![0f32; rows * out];
+        // Start from the bias, then accumulate x Wᵀ.
+        y.par_chunks_mut(out * chunk_rows(out)).for_each(|c| c.chunks_mut(out).for_each(|r| r.copy_from_slice(b)));
+        unsafe {
+            gemm::gemm(rows, out, inp, y.as_mut_ptr(), 1, out as isize, true, x.as_ptr(), 1, inp as isize, w.as_ptr(), inp as isize, 1, 1.0, 1.0, false, false, false, threads());
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = w.dims2()?;
+        let (dx, dw, db) = with_data(x, |xv| {
+            with_data(w, |wv| {
+                with_data(dy, |gv| {
+                    let rows = xv.len() / inp;
+                    let mut dx = vec![0f32; rows * inp];
+                    let mut dw = vec![0f32; out * inp];
+                    unsafe {
+                        // dx = dy W
+                        gemm::gemm(rows, inp, out, dx.as_mut_ptr(), 1, inp as isize, false, gv.as_ptr(), 1, out as isize, wv.as_ptr(), 1, inp as isize, 0.0, 1.0, false, false, false, threads());
+                        // dW = dyᵀ x
+                        gemm::gemm(out, inp, rows, dw.as_mut_ptr(), 1, inp as isize, false, gv.as_ptr(), out as isize, 1, xv.as_ptr(), 1, inp as isize, 0.0, 1.0, false, false, false, threads());
+                    }
+                    Ok((dx, dw, col_sums(gv, out)))
+                })
+            })
+        })?;
+        Ok((Some(tensor(dx, x.shape(), x)?), Some(tensor(dw, w.shape(), w)?), Some(tensor(db, b.shape(), b)?)))
+    }
+}
+
+/// x Wᵀ + b over the last dimension of x.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+struct QuickGelu;
+
+impl candle_core::CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "recap-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "quick_gelu input")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(yc, xc)| {
+            yc.iter_mut().zip(xc).for_each(|(y, x)| *y = act_fwd(Some(Activation::QuickGelu), *x));
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let dx = with_data(x, |xv| {
+            with_data(dy, |gv| {
+                let mut dx = vec![0f32; xv.len()];
+                dx.par_chunks_mut(16384).zip(xv.par_chunks(16384)).zip(gv.par_chunks(16384)).for_each(|((dc, xc), gc)| {
+                    for ((d, x), g) in dc.iter_mut().zip(xc).zip(gc) {
+                        *d = g * act_grad(Some(Activation::QuickGelu), *x);
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.shape(), x)?))
+    }
+}
+
+/// x · σ(1.702 x), OpenAI CLIP's activation.
+pub fn quick_gelu(x: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(QuickGelu)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention core: q, k, v [B, T, D] with H heads interleaved in D →
 // softmax(q_h k_hᵀ / sqrt(hd) (+ causal mask)) v_h, written back as [B, T, D].
 
@@ -426,6 +542,19 @@ mod tests {
             };
             check(&[&x, &b], || bias_act(&x, &b, act).unwrap(), composed, &format!("bias {act:?}"));
         }
+    }
+
+    #[test]
+    fn quick_gelu_matches_the_composed_ops() {
+        let x = var(&[4, 9], 13);
+        check(&[&x], || quick_gelu(&x).unwrap(), || (x.as_tensor() * candle_nn::ops::sigmoid(&(x.as_tensor() * 1.702).unwrap()).unwrap()).unwrap(), "quick_gelu");
+    }
+
+    #[test]
+    fn linear_matches_the_composed_ops() {
+        let (x, w, b) = (var(&[3, 5, 12], 10), var(&[7, 12], 11), var(&[7], 12));
+        let composed = || x.reshape((15, 12)).unwrap().matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap().reshape((3, 5, 7)).unwrap();
+        check(&[&x, &w, &b], || linear(&x, &w, &b).unwrap(), composed, "linear");
     }
 
     #[test]
