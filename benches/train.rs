@@ -122,6 +122,7 @@ fn data_path(dir: &str, workers: usize, batch: usize, batches: usize) {
 }
 
 fn main() {
+    recap::train::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let get = |i: usize, d: &str| args.get(i).cloned().unwrap_or_else(|| d.to_string());
     match get(0, "step").as_str() {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's training run, end to end and offline: a shapeworld of COUNT samples served on
-# loopback -> `recap run` (captioner, two teachers, 10 views per image) -> `recap train`
-# (tiny student, STEPS steps) -> `recap eval` of the student and of both teachers on a held-out
-# world of another seed. Tens of minutes on 2 cores with the defaults.
+# loopback -> `recap run` (captioner, two teachers, 10 views per image) -> `recap train` of two
+# tiny students, one from scratch (STEPS steps) and one started from teacher clip-a's weights
+# (model.init_from, STEPS/3 steps) -> `recap eval` of both students and both teachers on a
+# held-out world of another seed. Tens of minutes on 2 cores with the defaults.
 # Usage: bash scripts/train-run.sh [WORKDIR] [COUNT] [STEPS]   (RECAP_BIN to use another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,15 @@ log "recap run pipelines/reinforce.yaml"
 /usr/bin/time -v "$recap" run pipelines/reinforce.yaml --no-progress \
   --set input.path="$work/world/urls.parquet" --set output.path="$work/shards" 2> "$work/run.time" | tail -n 12
 kill $server 2>/dev/null || true
-log "recap train pipelines/train-tiny.yaml ($steps steps)"
+log "recap train pipelines/train-tiny.yaml ($steps steps, from scratch)"
 "$recap" train pipelines/train-tiny.yaml --no-progress --resume \
-  --set data.shards="$work/shards" --set output.dir="$work/student" --set train.steps="$steps"
-for m in "$work/student" models/shapeworld-clip-a models/shapeworld-clip-b; do
+  --set data.shards="$work/shards" --set output.dir="$work/student" --set train.steps="$steps" \
+  --set data.eval_set="$work/heldout/eval.parquet" --set train.eval_every=250
+log "recap train pipelines/train-tiny.yaml ($((steps / 3)) steps, from models/shapeworld-clip-a)"
+"$recap" train pipelines/train-tiny.yaml --no-progress --resume \
+  --set data.shards="$work/shards" --set output.dir="$work/student-init" --set train.steps="$((steps / 3))" \
+  --set model.init_from=models/shapeworld-clip-a --set data.eval_set="$work/heldout/eval.parquet" --set train.eval_every=250
+for m in "$work/student" "$work/student-init" models/shapeworld-clip-a models/shapeworld-clip-b; do
   log "recap eval --model $m"
   "$recap" eval --model "$m" --data "$work/heldout/eval.parquet"
 done

@@ -495,6 +495,7 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
         std::env::set_var("RAYON_NUM_THREADS", cfg.train.threads.to_string());
     }
     let device = train_device(&cfg.train.device)?;
+    keep_freed_memory();
     let existing = checkpoints(&out);
     let (clip, state) = match existing.last() {
         Some((step, dir)) if opts.resume => {
@@ -700,6 +701,15 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
     let sp = out.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("summary serialises")).map_err(|e| Error::io("cannot write", &sp, e))?;
     Ok(summary)
+}
+
+/// A training step frees and reallocates the same large tensor buffers every step: tell mimalloc
+/// (the binary's allocator) to keep freed memory instead of returning it to the OS after 10 ms,
+/// which made the kernel fault in and zero fresh pages all step long (measured: 8100 page faults
+/// and 20% more CPU over 13 steps of the tiny preset). Harmless under another allocator.
+pub fn keep_freed_memory() {
+    // mi_option_purge_delay (15 in mimalloc 2's option enum): -1 = never purge.
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
 }
 
 /// The candle device a config names.
