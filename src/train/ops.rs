@@ -353,7 +353,14 @@ pub fn quick_gelu(x: &Tensor) -> CResult<Tensor> {
 struct Attention {
     heads: usize,
     causal: bool,
+    /// The forward's probabilities, kept for the backward when they are small enough
+    /// ([`KEEP_PROBS_BYTES`]); otherwise the backward recomputes them.
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
+    keep_limit: usize,
 }
+
+/// Largest attention-probability buffer kept from forward to backward, per layer.
+const KEEP_PROBS_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
@@ -420,17 +427,27 @@ impl CustomOp3 for Attention {
         let hd = d / self.heads;
         let mut out = vec![0f32; q.len()];
         let o = Ptr(out.as_mut_ptr());
+        let keep = b * self.heads * t * t * 4 <= self.keep_limit;
+        let mut all = if keep { vec![0f32; b * self.heads * t * t] } else { Vec::new() };
+        let kept = Ptr(all.as_mut_ptr());
         (0..b * self.heads).into_par_iter().for_each_init(
             || vec![0f32; t * t],
             |p, job| {
                 let (bi, h) = (job / self.heads, job % self.heads);
+                let (o, kept) = (o, kept);
+                // Each (b, h) writes its own columns of its own rows, and its own block of the
+                // kept probabilities: disjoint.
+                let p: &mut [f32] = if keep { unsafe { std::slice::from_raw_parts_mut(kept.0.add(job * t * t), t * t) } } else { p };
                 self.probs(q, k, bi, h, t, d, p);
                 let off = bi * t * d + h * hd;
-                let o = o;
-                // Each (b, h) writes its own columns of its own rows: disjoint.
                 unsafe { mm(t, hd, t, o.0.add(off), d, 1, false, p.as_ptr(), t, 1, v.as_ptr().add(off), d, 1, 1.0) };
             },
         );
+        if keep {
+            if let Ok(mut g) = self.probs.lock() {
+                *g = Some(all);
+            }
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -438,6 +455,8 @@ impl CustomOp3 for Attention {
         let (b, t, d) = q.dims3()?;
         let hd = d / self.heads;
         let scale = (hd as f32).powf(-0.5);
+        let kept: Option<Vec<f32>> = self.probs.lock().ok().and_then(|mut g| g.take());
+        let kept = kept.filter(|k| k.len() == b * self.heads * t * t);
         let (dq, dk, dv) = with_data(q, |qv| {
             with_data(k, |kv| {
                 with_data(v, |vv| {
@@ -450,7 +469,13 @@ impl CustomOp3 for Attention {
                             || (vec![0f32; t * t], vec![0f32; t * t]),
                             |(p, dp), job| {
                                 let (bi, h) = (job / self.heads, job % self.heads);
-                                self.probs(qv, kv, bi, h, t, d, p);
+                                let p: &[f32] = match &kept {
+                                    Some(all) => &all[job * t * t..(job + 1) * t * t],
+                                    None => {
+                                        self.probs(qv, kv, bi, h, t, d, p);
+                                        p
+                                    }
+                                };
                                 let off = bi * t * d + h * hd;
                                 let (pq, pk, pv) = (pq, pk, pv);
                                 unsafe {
@@ -486,7 +511,11 @@ impl CustomOp3 for Attention {
 /// Multi-head attention of q, k, v [B, T, D] (heads interleaved in D, as the projections make
 /// them), causal or not → [B, T, D].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> CResult<Tensor> {
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { heads, causal })
+    attention_kept(q, k, v, heads, causal, KEEP_PROBS_BYTES)
+}
+
+fn attention_kept(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, keep_limit: usize) -> CResult<Tensor> {
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { heads, causal, probs: std::sync::Mutex::new(None), keep_limit })
 }
 
 #[cfg(test)]
@@ -510,7 +539,7 @@ mod tests {
 
     /// Value and gradients of a fused op against the composed candle ops, through a random
     /// weighting of the output (so every output element's gradient differs).
-    fn check(inputs: &[&Var], fused: impl Fn() -> Tensor, composed: impl Fn() -> Tensor, what: &str) {
+    fn check(inputs: &[&Var], fused: impl Fn() -> Tensor, composed: &dyn Fn() -> Tensor, what: &str) {
         let yf = fused();
         let yc = composed();
         close(&yf, &yc, 1e-5, what);
@@ -525,7 +554,7 @@ mod tests {
     #[test]
     fn layer_norm_matches_the_composed_ops() {
         let (x, g, b) = (var(&[3, 5, 16], 1), var(&[16], 2), var(&[16], 3));
-        check(&[&x, &g, &b], || layer_norm(&x, &g, &b, 1e-5).unwrap(), || super::super::model::layer_norm_composed(&x, &g, &b).unwrap(), "layer norm");
+        check(&[&x, &g, &b], || layer_norm(&x, &g, &b, 1e-5).unwrap(), &|| super::super::model::layer_norm_composed(&x, &g, &b).unwrap(), "layer norm");
     }
 
     #[test]
@@ -540,21 +569,21 @@ mod tests {
                     Some(Activation::Gelu) => h.gelu_erf().unwrap(),
                 }
             };
-            check(&[&x, &b], || bias_act(&x, &b, act).unwrap(), composed, &format!("bias {act:?}"));
+            check(&[&x, &b], || bias_act(&x, &b, act).unwrap(), &composed, &format!("bias {act:?}"));
         }
     }
 
     #[test]
     fn quick_gelu_matches_the_composed_ops() {
         let x = var(&[4, 9], 13);
-        check(&[&x], || quick_gelu(&x).unwrap(), || (x.as_tensor() * candle_nn::ops::sigmoid(&(x.as_tensor() * 1.702).unwrap()).unwrap()).unwrap(), "quick_gelu");
+        check(&[&x], || quick_gelu(&x).unwrap(), &|| (x.as_tensor() * candle_nn::ops::sigmoid(&(x.as_tensor() * 1.702).unwrap()).unwrap()).unwrap(), "quick_gelu");
     }
 
     #[test]
     fn linear_matches_the_composed_ops() {
         let (x, w, b) = (var(&[3, 5, 12], 10), var(&[7, 12], 11), var(&[7], 12));
         let composed = || x.reshape((15, 12)).unwrap().matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap().reshape((3, 5, 7)).unwrap();
-        check(&[&x, &w, &b], || linear(&x, &w, &b).unwrap(), composed, "linear");
+        check(&[&x, &w, &b], || linear(&x, &w, &b).unwrap(), &composed, "linear");
     }
 
     #[test]
@@ -573,7 +602,9 @@ mod tests {
                 let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
                 p.matmul(&vh).unwrap().transpose(1, 2).unwrap().reshape((bs, t, d)).unwrap()
             };
-            check(&[&q, &k, &v], || attention(&q, &k, &v, heads, causal).unwrap(), composed, &format!("attention causal={causal}"));
+            check(&[&q, &k, &v], || attention(&q, &k, &v, heads, causal).unwrap(), &composed, &format!("attention causal={causal}"));
+            // The backward that recomputes the probabilities (large inputs) too.
+            check(&[&q, &k, &v], || attention_kept(&q, &k, &v, heads, causal, 0).unwrap(), &composed, &format!("attention causal={causal}, recomputed"));
         }
     }
 }
