@@ -1,6 +1,6 @@
 //! The trainer's hot paths, outside criterion (one step is long): prints one JSON line per figure.
 //!
-//!   cargo bench --no-default-features --bench train -- step tiny|small THREADS BATCH [STEPS]
+//!   cargo bench --no-default-features --bench train -- step tiny|small|vit_b16 THREADS BATCH [STEPS]
 //!       median seconds of one training step (forward, contrastive + distillation, backward,
 //!       clipping, AdamW) on a fixed random batch; benches/train_python.py times the same
 //!       architecture in PyTorch, and benches/train_vs_pytorch.sh prints the ratio.
@@ -30,6 +30,7 @@ fn step(preset: &str, threads: usize, batch: usize, steps: usize) {
     let preset = match preset {
         "tiny" => Preset::Tiny,
         "small" => Preset::Small,
+        "vit_b16" => Preset::VitB16,
         other => panic!("unknown preset {other}"),
     };
     let mut shape = preset.shape(512);
