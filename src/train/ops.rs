@@ -201,20 +201,7 @@ impl CustomOp2 for BiasAct {
                     Ok(out)
                 })?,
             };
-            let partial: Vec<Vec<f32>> = dpre
-                .par_chunks(d * cr)
-                .map(|c| {
-                    let mut s = vec![0f32; d];
-                    for r in c.chunks(d) {
-                        s.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-                    }
-                    s
-                })
-                .collect();
-            let mut db = vec![0f32; d];
-            for p in partial {
-                db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-            }
+            let db = col_sums(&dpre, d);
             Ok((dpre, db))
         })?;
         Ok((Some(tensor(dx, x.shape(), x)?), Some(tensor(db, b.shape(), b)?)))
