@@ -505,6 +505,39 @@ fn attention_kept(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { heads, causal, probs: std::sync::Mutex::new(None), keep_limit })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bilinear resizing as two matrix products (candle's upsample_bilinear2d has no backward).
+
+/// The [out, in] matrix that resizes one axis by linear interpolation, as PyTorch's
+/// `F.interpolate(mode="bilinear", align_corners=False)` does: output i samples the input at
+/// (i + 0.5)·in/out − 0.5, clamped at 0, from its two neighbours.
+pub fn interpolation_matrix(out: usize, inp: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * inp];
+    let scale = inp as f64 / out as f64;
+    for i in 0..out {
+        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(inp - 1);
+        let i1 = (i0 + 1).min(inp - 1);
+        let l = (src - i0 as f64) as f32;
+        m[i * inp + i0] += 1.0 - l;
+        m[i * inp + i1] += l;
+    }
+    m
+}
+
+/// Resize x [B, C, h, w] to [B, C, H, W] bilinearly: Ah · x · Awᵀ, whose backward is two matrix
+/// products too.
+pub fn upsample_bilinear(x: &Tensor, size: (usize, usize)) -> CResult<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = size;
+    let ah = Tensor::from_vec(interpolation_matrix(oh, h), (oh, h), x.device())?;
+    let aw_t = Tensor::from_vec(interpolation_matrix(ow, w), (ow, w), x.device())?.t()?;
+    // Rows: [B·C·h, w] · Awᵀ → [B·C·h, W]; then per map, Ah · [h, W].
+    let y = x.reshape((b * c * h, w))?.matmul(&aw_t)?.reshape((b * c, h, ow))?;
+    let y = ah.broadcast_left(b * c)?.matmul(&y)?;
+    y.reshape((b, c, oh, ow))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +568,26 @@ mod tests {
         let gc = (&yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, x) in inputs.iter().enumerate() {
             close(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap(), 1e-4, &format!("{what}: gradient of input {i}"));
+        }
+    }
+
+    /// tests/vectors/bilinear.json, from PyTorch's F.interpolate (tools/references/bilinear.py).
+    #[test]
+    fn bilinear_upsampling_and_its_gradient_match_pytorch() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/bilinear.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let f32s = |x: &serde_json::Value| -> Vec<f32> { x.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect() };
+        for case in v["cases"].as_array().unwrap() {
+            let dims: Vec<usize> = case["input_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let size = (case["size"][0].as_u64().unwrap() as usize, case["size"][1].as_u64().unwrap() as usize);
+            let x = Var::from_vec(f32s(&case["input"]), dims.as_slice(), &Device::Cpu).unwrap();
+            let y = upsample_bilinear(x.as_tensor(), size).unwrap();
+            assert_eq!(y.dims(), [dims[0], dims[1], size.0, size.1]);
+            let w = Tensor::from_vec(f32s(&case["weight"]), y.dims(), &Device::Cpu).unwrap();
+            close(&y, &Tensor::from_vec(f32s(&case["output"]), y.dims(), &Device::Cpu).unwrap(), 1e-5, "bilinear output");
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = Tensor::from_vec(f32s(&case["grad"]), dims.as_slice(), &Device::Cpu).unwrap();
+            close(g.get(x.as_tensor()).unwrap(), &want, 1e-4, "bilinear gradient");
         }
     }
 
