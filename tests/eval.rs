@@ -115,3 +115,27 @@ fn a_file_that_is_not_an_evaluation_set_is_refused() {
     let e = eval::load_model(&tmp.path().join("nothing")).err().unwrap().to_string();
     assert!(e.contains("no such directory"), "{e}");
 }
+
+#[test]
+fn a_worlds_dense_set_holds_its_masks_and_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    world(tmp.path(), 12, 9);
+    let set = recap::train::dense::DenseSet::open(&tmp.path().join("dense.parquet")).unwrap();
+    assert_eq!(set.spec.classes, ["background", "circle", "square", "triangle", "diamond"]);
+    assert_eq!(set.rows.len(), 10, "corrupt samples are left out");
+    let samples: Vec<_> = recap::synth::load_samples(tmp.path()).unwrap().into_iter().filter(|s| !s.corrupt).collect();
+    for (row, s) in set.rows.iter().zip(&samples) {
+        assert_eq!(row.path, s.file);
+        let (mask, depth) = (row.mask.as_ref().unwrap(), row.depth.as_ref().unwrap());
+        // At the front object's centre: its class and its depth (metres); in a corner, mostly
+        // the background wall at 10 m.
+        let o = &s.objects[0];
+        let scale = row.width as f32 / s.width as f32;
+        let (x, y) = ((o.cx * scale) as usize, (o.cy * scale) as usize);
+        let i = y * row.width as usize + x;
+        let class = 1 + ["circle", "square", "triangle", "diamond"].iter().position(|k| *k == o.shape).unwrap() as u32;
+        assert_eq!(mask[i], class, "{}", s.file);
+        assert!((depth[i] - o.depth).abs() < 0.01, "{}: depth {} vs {}", s.file, depth[i], o.depth);
+        assert!(mask.iter().any(|&c| c == 0) && depth.iter().any(|&d| (d - 10.0).abs() < 1e-3));
+    }
+}

@@ -337,13 +337,13 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| Error::io("cannot create", &d, e))?;
     }
-    let made: Vec<(Sample, Option<Vec<u8>>)> = (0..spec.count)
+    let made: Vec<(Sample, Option<EvalRow>)> = (0..spec.count)
         .into_par_iter()
-        .map(|id| -> Result<(Sample, Option<Vec<u8>>)> {
+        .map(|id| -> Result<(Sample, Option<EvalRow>)> {
             let s = sample(spec, id);
             let (img, mask, depth) = render(&s);
             let bytes = image_bytes(&s, &img)?;
-            let eval = if s.corrupt { None } else { Some(eval_image(&img)?) };
+            let eval = if s.corrupt { None } else { Some(eval_row(&img, &mask, &depth)?) };
             let p = dir.join(&s.file);
             std::fs::write(&p, bytes).map_err(|e| Error::io("cannot write", &p, e))?;
             let mp = dir.join(&s.mask);
@@ -354,6 +354,7 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
         })
         .collect::<Result<_>>()?;
     write_eval(&dir.join("eval.parquet"), &made)?;
+    write_dense(&dir.join("dense.parquet"), &made)?;
     let samples: Vec<Sample> = made.into_iter().map(|(s, _)| s).collect();
     let path = dir.join("samples.jsonl");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?);
@@ -375,24 +376,48 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
 /// Longer side of the images in `eval.parquet`.
 pub const EVAL_SIDE: u32 = 256;
 
-/// A world image as the evaluation set holds it: aspect kept, longer side at most
-/// [`EVAL_SIDE`], JPEG quality 90.
-fn eval_image(img: &RgbImage) -> Result<Vec<u8>> {
+/// A sample as the evaluation sets hold it: the image with its aspect kept and its longer side at
+/// most [`EVAL_SIDE`] (JPEG quality 90), and its mask and depth map resized to match (nearest:
+/// labels are not blended), as PNGs.
+struct EvalRow {
+    image: Vec<u8>,
+    mask: Vec<u8>,
+    depth: Vec<u8>,
+}
+
+fn eval_row(img: &RgbImage, mask: &GrayImage, depth: &ImageBuffer<Luma<u16>, Vec<u16>>) -> Result<EvalRow> {
     let (w, h) = img.dimensions();
     let scale = (EVAL_SIDE as f32 / w.max(h) as f32).min(1.0);
     let (nw, nh) = (((w as f32 * scale).round() as u32).max(1), ((h as f32 * scale).round() as u32).max(1));
     let small = crate::imaging::resize_rgb(img, nw, nh, None, crate::config::model::ResizeFilter::Box).map_err(Error::Internal)?;
-    let mut out = Vec::new();
-    jpeg_encoder::Encoder::new(&mut out, 90)
+    let mut image = Vec::new();
+    jpeg_encoder::Encoder::new(&mut image, 90)
         .encode(small.as_raw(), nw as u16, nh as u16, jpeg_encoder::ColorType::Rgb)
         .map_err(|e| Error::Internal(format!("jpeg encode: {e}")))?;
-    Ok(out)
+    let nearest = image::imageops::FilterType::Nearest;
+    let m = image::imageops::resize(mask, nw, nh, nearest);
+    let d = image::imageops::resize(depth, nw, nh, nearest);
+    let m: Vec<u32> = m.into_raw().into_iter().map(u32::from).collect();
+    Ok(EvalRow { image, mask: crate::train::dense::encode_mask(&m, nw, nh)?, depth: crate::train::dense::encode_depth(d.as_raw(), nw, nh)? })
+}
+
+/// The world's dense dataset (`dense.parquet`, layout in `recap::train::dense`): every
+/// non-corrupt sample with its class mask (background and the four shapes) and depth map
+/// (millimetres; the background wall at 10 m).
+fn write_dense(path: &Path, made: &[(Sample, Option<EvalRow>)]) -> Result<()> {
+    use crate::train::dense::{write_dense_set, DenseSpec};
+    let mut classes = vec!["background".to_string()];
+    classes.extend(SHAPES.iter().map(|s| s.to_string()));
+    let spec = DenseSpec { version: 1, classes, ignore_index: None, depth_scale: 0.001, depth_unit: Some("mm".into()) };
+    let rows: Vec<(Vec<u8>, String, Option<Vec<u8>>, Option<Vec<u8>>)> =
+        made.iter().filter_map(|(s, e)| e.as_ref().map(|e| (e.image.clone(), s.file.clone(), Some(e.mask.clone()), Some(e.depth.clone())))).collect();
+    write_dense_set(path, &spec, &rows)
 }
 
 /// The world's evaluation set (`eval.parquet`, layout in `recap::train::eval`): tasks `shape`
 /// and `color` on images with one object, `background` and `count` on all, and the true
 /// captions for retrieval. Corrupt samples are left out.
-fn write_eval(path: &Path, made: &[(Sample, Option<Vec<u8>>)]) -> Result<()> {
+fn write_eval(path: &Path, made: &[(Sample, Option<EvalRow>)]) -> Result<()> {
     use crate::train::eval::{write_eval_set, EvalSpec, TaskSpec};
     let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let counts = ["one shape", "two shapes", "three shapes", "four shapes"];
@@ -414,7 +439,7 @@ fn write_eval(path: &Path, made: &[(Sample, Option<Vec<u8>>)]) -> Result<()> {
         ],
         caption_column: Some("caption".into()),
     };
-    let kept: Vec<(&Sample, &Vec<u8>)> = made.iter().filter_map(|(s, e)| e.as_ref().map(|e| (s, e))).collect();
+    let kept: Vec<(&Sample, &Vec<u8>)> = made.iter().filter_map(|(s, e)| e.as_ref().map(|e| (s, &e.image))).collect();
     let idx = |list: &[&str], x: &str| list.iter().position(|c| *c == x).map(|i| i as u32);
     let single = |s: &Sample| s.objects.len() == 1;
     let labels = vec![

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod data;
+pub mod dense;
 pub mod dense_metrics;
 pub mod eval;
 pub mod inherit;
