@@ -139,3 +139,43 @@ fn a_worlds_dense_set_holds_its_masks_and_depth() {
         assert!(mask.iter().any(|&c| c == 0) && depth.iter().any(|&d| (d - 10.0).abs() < 1e-3));
     }
 }
+
+#[test]
+fn ade20k_and_nyu_style_folders_become_dense_sets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    for d in ["images", "annotations", "depth"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for k in 0..3u32 {
+        image::RgbImage::from_pixel(8, 6, image::Rgb([10 * k as u8, 0, 0])).save(root.join(format!("images/{k:03}.png"))).unwrap();
+        // ADE20K-style: 0 = other (ignored), 1..=2 classes.
+        image::GrayImage::from_fn(8, 6, |x, _| image::Luma([(x % 3) as u8])).save(root.join(format!("annotations/{k:03}.png"))).unwrap();
+        if k < 2 {
+            image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_pixel(8, 6, image::Luma([1500 + k as u16])).save(root.join(format!("depth/{k:03}.png"))).unwrap();
+        }
+    }
+    let out = tmp.path().join("dense.parquet");
+    let convert = |extra: &[&str]| {
+        std::process::Command::new(python())
+            .arg(self::root().join("tools/dense_from_folders.py"))
+            .arg(&root)
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = convert(&["--classes", "other,wall,floor", "--ignore-index", "0"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let set = recap::train::dense::DenseSet::open(&out).unwrap();
+    assert_eq!(set.rows.len(), 3);
+    assert_eq!(set.spec.ignore_index, Some(0));
+    assert_eq!(set.rows[0].mask.as_ref().unwrap()[..4], [0, 1, 2, 0]);
+    assert!((set.rows[1].depth.as_ref().unwrap()[0] - 1.501).abs() < 1e-6);
+    assert!(set.rows[2].depth.is_none(), "an image without a depth map keeps a null depth");
+    // Classes the masks use but the list does not declare: recap names the row.
+    let run = convert(&["--classes", "other,wall"]);
+    assert!(run.status.success());
+    let e = recap::train::dense::DenseSet::open(&out).err().unwrap().to_string();
+    assert!(e.contains("images/000.png") && e.contains("mask value 2 is not a class"), "{e}");
+}
