@@ -58,6 +58,10 @@ pub struct EvalArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Dense evaluation on a dense dataset (dense.parquet): training-free segmentation from the
+    /// class names (MaskCLIP) for a student or a Hugging Face CLIP directory.
+    #[arg(long)]
+    pub dense: bool,
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +289,19 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         Command::Schema { which: SchemaKind::Pipeline } => {
             write!(std::io::stdout().lock(), "{}", config::json_schema_text()).map_err(|e| Error::io("cannot write", "stdout", e))
+        }
+        Command::Eval(a) if a.dense => {
+            let report = tokio::task::spawn_blocking(move || -> Result<crate::train::eval::DenseReport> {
+                let set = crate::train::dense::DenseSet::open(&a.data)?;
+                crate::train::eval::evaluate_dense_zero_shot(&a.model, &set, &crate::train::eval::default_dense_templates(), a.batch_size)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            if a.json {
+                out!("{}", serde_json::to_string_pretty(&report).expect("report serialises"))
+            } else {
+                write!(std::io::stdout().lock(), "{}", crate::train::eval::format_dense_report(&report)).map_err(|e| Error::io("cannot write", "stdout", e))
+            }
         }
         Command::Eval(a) => {
             let report = tokio::task::spawn_blocking(move || -> Result<crate::train::eval::EvalReport> {

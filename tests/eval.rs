@@ -179,3 +179,36 @@ fn ade20k_and_nyu_style_folders_become_dense_sets() {
     let e = recap::train::dense::DenseSet::open(&out).err().unwrap().to_string();
     assert!(e.contains("images/000.png") && e.contains("mask value 2 is not a class"), "{e}");
 }
+
+#[test]
+fn dense_zero_shot_segmentation_counts_every_labelled_pixel() {
+    let tmp = tempfile::tempdir().unwrap();
+    world(tmp.path(), 10, 4);
+    let out = std::process::Command::new(recap_bin())
+        .args(["eval", "--dense", "--json", "--model", "models/shapeworld-clip-a", "--data"])
+        .arg(tmp.path().join("dense.parquet"))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["images"], 8, "10 samples, 2 corrupt");
+    assert_eq!(r["resolution"], 64, "clip-a's input size");
+    let z = &r["zero_shot_segmentation"];
+    let pixels: u64 = z["per_class"].as_object().unwrap().values().map(|c| c["pixels"].as_u64().unwrap()).sum();
+    assert_eq!(pixels, 8 * 64 * 64, "every pixel of every labelled image is scored once");
+    for k in ["miou", "pixel_accuracy", "mean_class_accuracy"] {
+        assert!((0.0..=1.0).contains(&z[k].as_f64().unwrap()), "{k}: {z}");
+    }
+    // An ONNX-only directory cannot be read layer by layer.
+    let e = recap::train::eval::evaluate_dense_zero_shot(
+        &tmp.path().join("nothing"),
+        &recap::train::dense::DenseSet::open(&tmp.path().join("dense.parquet")).unwrap(),
+        &recap::train::eval::default_dense_templates(),
+        8,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("model.safetensors + config.json"), "{e}");
+}

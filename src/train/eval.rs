@@ -280,10 +280,24 @@ impl Embedder for OnnxClip {
     }
 }
 
-/// A student run directory (its `model/`), a student model directory, or an ONNX CLIP directory.
+/// The model directory a `--model` value names: a run directory's `model/`, or itself.
+fn model_dir(path: &Path) -> PathBuf {
+    if path.join("model").join("model.safetensors").is_file() {
+        path.join("model")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+fn has_onnx(dir: &Path) -> bool {
+    std::iter::once("model.onnx").chain(crate::models::clip::IMAGE_TOWER_FILES).any(|f| dir.join(f).is_file())
+}
+
+/// A student run directory (its `model/`), a student model directory, or an ONNX CLIP directory
+/// (an ONNX export is run by ONNX Runtime even when Hugging Face weights sit beside it).
 pub fn load_model(path: &Path) -> Result<Box<dyn Embedder>> {
-    let dir = if path.join("model").join("model.safetensors").is_file() { path.join("model") } else { path.to_path_buf() };
-    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+    let dir = model_dir(path);
+    if !has_onnx(&dir) && dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
         return Ok(Box::new(StudentModel::load(&dir)?));
     }
     if !dir.is_dir() {
@@ -423,6 +437,109 @@ pub fn evaluate(model: &mut dyn Embedder, set: &EvalSet, batch: usize) -> Result
     Ok(EvalReport { model: model.name(), data: set.path.display().to_string(), images: set.images.len(), zero_shot, retrieval })
 }
 
+/// What `recap eval --dense` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DenseReport {
+    pub model: String,
+    pub data: String,
+    pub images: usize,
+    /// Training-free segmentation from text (MaskCLIP): each patch takes the class whose prompt
+    /// embedding is nearest, upsampled bilinearly to the model's input size.
+    pub zero_shot_segmentation: super::dense_metrics::SegScores,
+    /// Side at which masks were compared (the model's input: shortest side resized, centre crop).
+    pub resolution: usize,
+}
+
+/// A class mask through the same resize (shortest side to `s`, nearest) and centre crop as the
+/// model's image processor, so labels and pixels stay aligned.
+pub fn mask_to_input(mask: &[u32], w: u32, h: u32, s: usize) -> Vec<u32> {
+    let (w, h) = (w as usize, h as usize);
+    let (rw, rh) = if w <= h { (s, (s * h / w.max(1)).max(s)) } else { ((s * w / h.max(1)).max(s), s) };
+    let (ox, oy) = ((rw - s) / 2, (rh - s) / 2);
+    let mut out = Vec::with_capacity(s * s);
+    for y in 0..s {
+        let sy = (((oy + y) as f64 + 0.5) * h as f64 / rh as f64) as usize;
+        for x in 0..s {
+            let sx = (((ox + x) as f64 + 0.5) * w as f64 / rw as f64) as usize;
+            out.push(mask[sy.min(h - 1) * w + sx.min(w - 1)]);
+        }
+    }
+    out
+}
+
+/// MaskCLIP segmentation of a dense dataset's labelled images by a candle CLIP (a student, or a
+/// teacher's Hugging Face weights), with CLIP's prompt templates for the class names.
+pub fn evaluate_dense_zero_shot(path: &Path, set: &super::dense::DenseSet, templates: &[String], batch: usize) -> Result<DenseReport> {
+    let dir = model_dir(path);
+    if !(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file()) {
+        return Err(Error::model(path, "dense evaluation reads the model's layers: expected a recap student or a Hugging Face CLIP directory (model.safetensors + config.json)"));
+    }
+    let m = StudentModel::load(&dir)?;
+    let s = m.clip.shape.vision.image_size;
+    let grid = s / m.clip.shape.vision.patch_size;
+    // Class classifiers: prompt embeddings averaged, as zero-shot classification does.
+    let mut classifiers = Vec::new();
+    for c in &set.spec.classes {
+        let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", c)).collect();
+        let e = student_texts(&m.clip, &m.tokenizer, &prompts)?;
+        let mut mean = vec![0f32; e[0].len()];
+        for row in &e {
+            mean.iter_mut().zip(row).for_each(|(a, x)| *a += x / e.len() as f32);
+        }
+        normalise(&mut mean);
+        classifiers.extend(mean);
+    }
+    let nc = set.spec.classes.len();
+    let e = m.clip.shape.embed_dim;
+    let cls = Tensor::from_vec(classifiers, (nc, e), &Device::Cpu).map_err(ce("classifiers"))?;
+    let mut conf = super::dense_metrics::Confusion::new(nc, set.spec.ignore_index);
+    let labelled: Vec<&super::dense::DenseRow> = set.rows.iter().filter(|r| r.mask.is_some()).collect();
+    for chunk in labelled.chunks(batch.max(1)) {
+        let imgs: Vec<RgbImage> = chunk
+            .iter()
+            .map(|r| image::load_from_memory(&r.image).map(|i| i.to_rgb8()).map_err(|e| bad(&set.path, format!("{}: the image does not decode: {e}", r.path))))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&RgbImage> = imgs.iter().collect();
+        let px = m.processor.batch(&refs, (s as u32, s as u32)).map_err(|e| Error::model(&dir, e))?;
+        let px = Tensor::from_vec(px, (imgs.len(), 3, s, s), &Device::Cpu).map_err(ce("pixels"))?;
+        let patches = l2_normalize(&m.clip.dense_embeddings(&px)?)?;
+        // [B, N, C] → [B, C, g, g] → upsampled to [B, C, s, s].
+        let logits = patches.broadcast_matmul(&cls.t().map_err(ce("t"))?).map_err(ce("patch logits"))?;
+        let logits = logits.transpose(1, 2).and_then(|l| l.reshape((imgs.len(), nc, grid, grid))).map_err(ce("grid"))?;
+        let up = super::ops::upsample_bilinear(&logits, (s, s)).map_err(ce("upsample"))?;
+        let pred: Vec<Vec<u32>> = up.argmax(1).and_then(|p| p.flatten_from(1)).and_then(|p| p.to_vec2()).map_err(ce("argmax"))?;
+        for (r, p) in chunk.iter().zip(pred) {
+            let truth = mask_to_input(r.mask.as_ref().expect("labelled"), r.width, r.height, s);
+            conf.add(&truth, &p);
+        }
+    }
+    Ok(DenseReport {
+        model: dir.display().to_string(),
+        data: set.path.display().to_string(),
+        images: labelled.len(),
+        zero_shot_segmentation: conf.scores(&set.spec.classes),
+        resolution: s,
+    })
+}
+
+/// CLIP's prompt templates for dense zero-shot labels.
+pub fn default_dense_templates() -> Vec<String> {
+    ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}."].iter().map(|s| s.to_string()).collect()
+}
+
+pub fn format_dense_report(r: &DenseReport) -> String {
+    let z = &r.zero_shot_segmentation;
+    let mut s = format!(
+        "{} on {} ({} labelled images, compared at {}x{})\n  zero-shot segmentation (MaskCLIP): mIoU {:.3}, pixel accuracy {:.3}, mean class accuracy {:.3}\n",
+        r.model, r.data, r.images, r.resolution, r.resolution, z.miou, z.pixel_accuracy, z.mean_class_accuracy
+    );
+    s.push_str(&format!("  {:<22} {:>7} {:>9} {:>10}\n", "class", "IoU", "accuracy", "pixels"));
+    for (k, c) in &z.per_class {
+        s.push_str(&format!("  {:<22} {:>7.3} {:>9.3} {:>10}\n", k, c.iou, c.accuracy, c.pixels));
+    }
+    s
+}
+
 /// The report as a table for a terminal.
 pub fn format_report(r: &EvalReport) -> String {
     let mut s = format!("{} on {} ({} images)\n", r.model, r.data, r.images);
@@ -437,4 +554,18 @@ pub fn format_report(r: &EvalReport) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_follow_the_processors_resize_and_crop() {
+        // A 4x2 mask (wide): shortest side 2 -> 2, so 4x2 stays, then the centre 2x2 crop.
+        let m = [0, 1, 2, 3, 4, 5, 6, 7];
+        assert_eq!(mask_to_input(&m, 4, 2, 2), [1, 2, 5, 6]);
+        // Upscaled 2x2 -> 4x4 by nearest: each label covers a 2x2 block.
+        assert_eq!(mask_to_input(&[1, 2, 3, 4], 2, 2, 4), [1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4]);
+    }
 }

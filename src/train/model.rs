@@ -374,6 +374,23 @@ impl Clip {
         Ok((x, before_last))
     }
 
+    /// MaskCLIP's dense readout (Zhou et al. 2022, <https://arxiv.org/abs/2112.01071>): the last
+    /// layer's value embedding of every patch, through its output projection, the post-layernorm
+    /// and the visual projection, skipping query/key mixing; [B, N patches, embed_dim], not
+    /// normalised. Comparable with text embeddings, patch by patch.
+    pub fn dense_embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, before_last) = self.image_tokens(pixels)?;
+        let l = self.shape.vision.layers - 1;
+        let p = format!("vision_model.encoder.layers.{l}");
+        let h = self.layer_norm(&before_last, &format!("{p}.layer_norm1"))?;
+        let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), true)?;
+        let o = self.linear(&v, &format!("{p}.self_attn.out_proj"), true)?;
+        let n = o.dim(1).map_err(ce("tokens"))?;
+        let patches = o.narrow(1, 1, n - 1).map_err(ce("patches"))?;
+        let patches = self.layer_norm(&patches, "vision_model.post_layernorm")?;
+        self.linear(&patches, "visual_projection", false)
+    }
+
     fn image_pool(&self, x: &Tensor) -> Result<Tensor> {
         let cls = x.narrow(1, 0, 1).and_then(|t| t.squeeze(1)).map_err(ce("pool"))?;
         let cls = self.layer_norm(&cls, "vision_model.post_layernorm")?;
