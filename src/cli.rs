@@ -40,6 +40,20 @@ pub enum Command {
     Train(TrainArgs),
     /// Zero-shot classification and retrieval of a student or an ONNX CLIP on an evaluation set.
     Eval(EvalArgs),
+    /// Finetune a dense head (segmentation or depth) on a student's patch tokens.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The finetuning YAML (see pipelines/finetune-tiny.yaml, `recap schema finetune`).
+    pub config: PathBuf,
+    /// Override a value, e.g. --set data.fraction=0.1 (repeatable).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +99,8 @@ pub enum SchemaKind {
     Shard,
     /// The training file (`recap train`).
     Train,
+    /// The finetuning file (`recap finetune`).
+    Finetune,
 }
 
 #[derive(Debug, Args)]
@@ -242,6 +258,10 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Validate(a) => {
             let label = a.pipeline.display().to_string();
             let text = std::fs::read_to_string(&a.pipeline).map_err(|e| Error::io("cannot read", &a.pipeline, e))?;
+            if crate::train::finetune::looks_like_finetune(&text) {
+                let cfg = crate::train::finetune::parse_str(&text, &label, &a.set)?;
+                return out!("{label}: ok (finetuning file: {:?} head, {:?} encoder, task {:?})", cfg.head.kind, cfg.mode, cfg.task);
+            }
             if crate::train::config::looks_like_training(&text) {
                 let cfg = crate::train::config::parse_str(&text, &label, &a.set)?;
                 let plan = crate::train::plan(cfg, &label)?;
@@ -317,6 +337,31 @@ pub async fn execute(cli: Cli) -> Result<()> {
             } else {
                 write!(std::io::stdout().lock(), "{}", crate::train::eval::format_report(&report)).map_err(|e| Error::io("cannot write", "stdout", e))
             }
+        }
+        Command::Schema { which: SchemaKind::Finetune } => write!(std::io::stdout().lock(), "{}", crate::train::finetune::json_schema_text())
+            .map_err(|e| Error::io("cannot write", "stdout", e)),
+        Command::Finetune(a) => {
+            let label = a.config.display().to_string();
+            let text = std::fs::read_to_string(&a.config).map_err(|e| Error::io("cannot read", &a.config, e))?;
+            let cfg = crate::train::finetune::parse_str(&text, &label, &a.set)?;
+            let progress = !a.no_progress;
+            let s = tokio::task::spawn_blocking(move || crate::train::finetune::run(&cfg, &label, progress)).await.map_err(|e| Error::Internal(e.to_string()))??;
+            out!(
+                "finetuned {} steps on {} images in {:.1}s, final loss {:.4}{}\nmodel: {}",
+                s.steps,
+                s.train_images,
+                s.seconds,
+                s.final_loss,
+                match &s.eval {
+                    Some(e) => match (&e.segmentation, &e.depth) {
+                        (Some(seg), _) => format!("; held-out mIoU {:.3}, pixel accuracy {:.3} ({} images)", seg.miou, seg.pixel_accuracy, e.images),
+                        (_, Some(d)) => format!("; held-out depth RMSE {:.3} m, AbsRel {:.3}, δ<1.25 {:.3} ({} images)", d.rmse, d.abs_rel, d.delta1, e.images),
+                        _ => String::new(),
+                    },
+                    None => String::new(),
+                },
+                s.model_dir
+            )
         }
         Command::Schema { which: SchemaKind::Train } => write!(std::io::stdout().lock(), "{}", crate::train::config::json_schema_text())
             .map_err(|e| Error::io("cannot write", "stdout", e)),

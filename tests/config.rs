@@ -22,12 +22,29 @@ fn committed_training_schema_matches_the_code() {
 }
 
 #[test]
+fn committed_finetuning_schema_matches_the_code() {
+    let committed = std::fs::read_to_string("schemas/finetune.schema.json").unwrap();
+    assert!(
+        committed == recap::train::finetune::json_schema_text(),
+        "schemas/finetune.schema.json is stale: run `cargo run -- schema finetune > schemas/finetune.schema.json`"
+    );
+}
+
+#[test]
 fn every_pipeline_in_pipelines_validates() {
     let mut n = 0;
     for e in std::fs::read_dir("pipelines").unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
             let text = std::fs::read_to_string(&p).unwrap();
+            if recap::train::finetune::looks_like_finetune(&text) {
+                let cfg = recap::train::finetune::parse_str(&text, &p.display().to_string(), &[])
+                    .unwrap_or_else(|e| panic!("{} does not validate:\n{e}", p.display()));
+                let v = serde_json::to_value(&cfg).unwrap();
+                assert!(jsonschema::is_valid(&recap::train::finetune::json_schema(), &v), "{}", p.display());
+                n += 1;
+                continue;
+            }
             if recap::train::config::looks_like_training(&text) {
                 // Training files: schema-checked and typed here; their semantic checks need
                 // shards, which tests/train.rs makes.

@@ -212,3 +212,46 @@ fn dense_zero_shot_segmentation_counts_every_labelled_pixel() {
     .to_string();
     assert!(e.contains("model.safetensors + config.json"), "{e}");
 }
+
+#[test]
+fn a_frozen_encoder_segmentation_head_fits_a_small_dense_set() {
+    use recap::train::finetune::{self, FinetuneConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    world(tmp.path(), 26, 12);
+    let data = tmp.path().join("dense.parquet");
+    let yaml = std::fs::read_to_string(root().join("pipelines/finetune-tiny.yaml")).unwrap();
+    let run = |steps: u64, out: &str| {
+        let cfg: FinetuneConfig = finetune::parse_str(
+            &yaml,
+            "finetune-tiny.yaml",
+            &[
+                format!("student={}", root().join("models/shapeworld-clip-a").display()),
+                format!("data.train={}", data.display()),
+                format!("data.eval={}", data.display()),
+                format!("output.dir={}", tmp.path().join(out).display()),
+                format!("train.steps={steps}"),
+                "train.batch_size=8".into(),
+                "optim.warmup_steps=5".into(),
+                "optim.lr=3e-3".into(),
+            ],
+        )
+        .unwrap();
+        finetune::run(&cfg, "finetune-tiny.yaml", false).unwrap()
+    };
+    let first = run(1, "one");
+    let last = run(80, "many");
+    let (s1, s2) = (first.eval.unwrap().segmentation.unwrap(), last.eval.unwrap().segmentation.unwrap());
+    assert!(last.final_loss < 0.6 * first.final_loss, "loss {} -> {}", first.final_loss, last.final_loss);
+    assert!(s2.miou > s1.miou + 0.1, "mIoU {} -> {}", s1.miou, s2.miou);
+    assert!(tmp.path().join("many/model/head.safetensors").is_file() && tmp.path().join("many/metrics.jsonl").is_file());
+    // A dense set that cannot be opened is reported at data.train, with its path.
+    let e = finetune::run(
+        &finetune::parse_str(&yaml, "f.yaml", &[format!("data.train={}", tmp.path().join("nope.parquet").display()), format!("student={}", root().join("models/shapeworld-clip-a").display())]).unwrap(),
+        "f.yaml",
+        false,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("data.train") && e.contains("nope.parquet"), "{e}");
+}

@@ -12,6 +12,7 @@ pub mod data;
 pub mod dense;
 pub mod dense_metrics;
 pub mod eval;
+pub mod finetune;
 pub mod inherit;
 pub mod loss;
 pub mod model;
@@ -733,7 +734,7 @@ pub fn train_device(spec: &str) -> Result<Device> {
     }
 }
 
-fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(enabled: bool, total: u64, at: u64) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     let pb = if enabled && std::io::stderr().is_terminal() {
         indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr())

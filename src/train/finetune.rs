@@ -1,0 +1,667 @@
+//! `recap finetune`: dense heads (segmentation or depth) on a trained student's patch tokens,
+//! with the encoder frozen (a probe) or finetuned at its own, lower learning rate, on a label
+//! budget (a seeded fraction of the dense training set) so that data efficiency can be measured.
+//!
+//! Heads (after the dense probes of the CLIP-with-quality-captions and MAE papers):
+//! - `linear`: one linear map per patch token, upsampled bilinearly to the input size;
+//! - `decoder`: per-patch linear + quick_gelu, ×2 bilinear upsampling, a 3×3 convolution + ReLU,
+//!   a 1×1 convolution, bilinear to the input size.
+//!
+//! Losses: per-pixel cross-entropy (ignoring the dataset's ignore index) for segmentation; for
+//! depth the head predicts log-depth, trained with L1 on depth or the scale-invariant log loss
+//! (Eigen et al. 2014, λ = 0.85) as is usual on NYUv2.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::dense::{DenseRow, DenseSet};
+use super::dense_metrics::{Confusion, DepthErrors, DepthScores, SegScores};
+use super::eval::{mask_to_input, StudentModel};
+use super::model::{ce, Clip};
+use super::optim::{cosine_lr, AdamW, AdamWSettings};
+use crate::error::{Error, Problem, Result};
+
+/// A finetuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "recap finetuning run")]
+pub struct FinetuneConfig {
+    pub data: DenseDataConfig,
+    /// The student to finetune: a `recap train` run directory, its `model/`, or any Hugging Face
+    /// CLIP directory (model.safetensors + config.json).
+    pub student: String,
+    pub task: DenseTask,
+    #[serde(default)]
+    pub head: HeadConfig,
+    #[serde(default = "default_mode")]
+    pub mode: FinetuneMode,
+    #[serde(default)]
+    pub optim: FinetuneOptim,
+    #[serde(default)]
+    pub train: FinetuneLoop,
+    pub output: super::config::TrainOutputConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DenseDataConfig {
+    /// Dense training set (dense.parquet; `recap synth` writes one per world).
+    pub train: String,
+    /// Held-out dense set, measured every `train.eval_every` steps and at the end.
+    #[serde(default)]
+    pub eval: Option<String>,
+    /// Label budget: the share of the labelled training images used, drawn with `train.seed`.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DenseTask {
+    Segmentation,
+    Depth,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    Linear,
+    Decoder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthLoss {
+    L1,
+    Silog,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuneMode {
+    /// The encoder is not trained (a probe of its features).
+    Frozen,
+    /// The encoder is trained too, at `optim.encoder_lr`.
+    Full,
+}
+
+fn default_mode() -> FinetuneMode {
+    FinetuneMode::Frozen
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    #[serde(default = "default_head_kind")]
+    pub kind: HeadKind,
+    /// Hidden width of the decoder head.
+    #[serde(default = "default_hidden")]
+    #[schemars(range(min = 1))]
+    pub hidden: u32,
+    #[serde(default = "default_depth_loss")]
+    pub depth_loss: DepthLoss,
+}
+
+fn default_head_kind() -> HeadKind {
+    HeadKind::Linear
+}
+fn default_hidden() -> u32 {
+    64
+}
+fn default_depth_loss() -> DepthLoss {
+    DepthLoss::Silog
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        HeadConfig { kind: default_head_kind(), hidden: default_hidden(), depth_loss: default_depth_loss() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneOptim {
+    /// Learning rate of the head.
+    #[serde(default = "default_head_lr")]
+    pub lr: f64,
+    /// Learning rate of the encoder in `mode: full`.
+    #[serde(default = "default_encoder_lr")]
+    pub encoder_lr: f64,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "default_warmup")]
+    pub warmup_steps: u64,
+    #[serde(default = "default_clip")]
+    pub grad_clip: Option<f64>,
+}
+
+fn default_head_lr() -> f64 {
+    1e-3
+}
+fn default_encoder_lr() -> f64 {
+    1e-4
+}
+fn default_wd() -> f64 {
+    0.01
+}
+fn default_warmup() -> u64 {
+    20
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+
+impl Default for FinetuneOptim {
+    fn default() -> Self {
+        FinetuneOptim { lr: default_head_lr(), encoder_lr: default_encoder_lr(), weight_decay: default_wd(), warmup_steps: default_warmup(), grad_clip: default_clip() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneLoop {
+    #[serde(default = "default_ft_batch")]
+    #[schemars(range(min = 1))]
+    pub batch_size: u32,
+    #[serde(default = "default_ft_steps")]
+    #[schemars(range(min = 1))]
+    pub steps: u64,
+    #[serde(default)]
+    pub seed: u64,
+    /// CPU threads for the maths; 0 = one per core.
+    #[serde(default)]
+    pub threads: u32,
+    #[serde(default = "default_log")]
+    #[schemars(range(min = 1))]
+    pub log_every: u64,
+    /// Measure `data.eval` every N steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub eval_every: u64,
+}
+
+fn default_ft_batch() -> u32 {
+    16
+}
+fn default_ft_steps() -> u64 {
+    300
+}
+fn default_log() -> u64 {
+    10
+}
+
+impl Default for FinetuneLoop {
+    fn default() -> Self {
+        FinetuneLoop { batch_size: default_ft_batch(), steps: default_ft_steps(), seed: 0, threads: 0, log_every: default_log(), eval_every: 0 }
+    }
+}
+
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(FinetuneConfig)).expect("schema serialises")
+}
+
+pub fn json_schema_text() -> String {
+    let mut s = serde_json::to_string_pretty(&json_schema()).expect("schema serialises");
+    s.push('\n');
+    s
+}
+
+fn nothing_beside(_: &serde_json::Value, _: &[Problem]) -> Vec<Problem> {
+    Vec::new()
+}
+
+pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<FinetuneConfig> {
+    crate::config::parse_yaml(text, label, overrides, &json_schema(), "data, student, task and output (see `recap schema finetune`)", nothing_beside)
+}
+
+/// Whether a YAML file is a finetuning file (has `student` and `task`).
+pub fn looks_like_finetune(text: &str) -> bool {
+    let v: serde_json::Value = serde_saphyr::from_str(text).unwrap_or(serde_json::Value::Null);
+    v.get("student").is_some() && v.get("task").is_some()
+}
+
+/// A dense head's weights, by name.
+pub struct Head {
+    pub kind: HeadKind,
+    pub out: usize,
+    pub vars: BTreeMap<String, Var>,
+}
+
+fn randn(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    use rand_distr::Distribution;
+    let d = rand_distr::Normal::new(0.0f32, std).expect("finite");
+    (0..n).map(|_| d.sample(rng)).collect()
+}
+
+impl Head {
+    pub fn init(kind: HeadKind, width: usize, hidden: usize, out: usize, seed: u64, dev: &Device) -> Result<Head> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4EAD);
+        let mut vars = BTreeMap::new();
+        let mut add = |name: &str, dims: &[usize], v: Vec<f32>| -> Result<()> {
+            let t = Tensor::from_vec(v, dims, dev).map_err(ce(name))?;
+            vars.insert(name.to_string(), Var::from_tensor(&t).map_err(ce(name))?);
+            Ok(())
+        };
+        match kind {
+            HeadKind::Linear => {
+                // Output layers start small (std 0.01, as MAE's linear probe): the first predictions
+                // are the bias, i.e. uniform classes or the mean log-depth.
+                add("head.proj.weight", &[out, width], randn(&mut rng, out * width, 0.01))?;
+                add("head.proj.bias", &[out], vec![0.0; out])?;
+            }
+            HeadKind::Decoder => {
+                add("head.fc.weight", &[hidden, width], randn(&mut rng, hidden * width, (width as f32).powf(-0.5)))?;
+                add("head.fc.bias", &[hidden], vec![0.0; hidden])?;
+                add("head.conv.weight", &[hidden, hidden, 3, 3], randn(&mut rng, hidden * hidden * 9, ((9 * hidden) as f32).powf(-0.5)))?;
+                add("head.conv.bias", &[hidden], vec![0.0; hidden])?;
+                add("head.out.weight", &[out, hidden, 1, 1], randn(&mut rng, out * hidden, 0.01))?;
+                add("head.out.bias", &[out], vec![0.0; out])?;
+            }
+        }
+        Ok(Head { kind, out, vars })
+    }
+
+    /// Set every output channel's bias (a depth head's starting log-depth).
+    pub fn set_output_bias(&self, v: f32) -> Result<()> {
+        let name = match self.kind {
+            HeadKind::Linear => "head.proj.bias",
+            HeadKind::Decoder => "head.out.bias",
+        };
+        let var = &self.vars[name];
+        var.set(&Tensor::from_vec(vec![v; self.out], self.out, var.device()).map_err(ce(name))?).map_err(ce(name))
+    }
+
+    fn get(&self, n: &str) -> Result<Tensor> {
+        self.vars.get(n).map(|v| v.as_tensor().clone()).ok_or_else(|| Error::Internal(format!("no head parameter {n}")))
+    }
+
+    /// Patch tokens [B, N, width] on a g×g grid → per-pixel outputs [B, out, size, size].
+    pub fn forward(&self, tokens: &Tensor, grid: usize, size: usize) -> Result<Tensor> {
+        let (b, n, _) = tokens.dims3().map_err(ce("tokens"))?;
+        debug_assert_eq!(n, grid * grid);
+        let to_grid = |x: Tensor, c: usize| -> Result<Tensor> { x.transpose(1, 2).and_then(|x| x.reshape((b, c, grid, grid))).map_err(ce("grid")) };
+        let y = match self.kind {
+            HeadKind::Linear => {
+                let y = super::ops::linear(tokens, &self.get("head.proj.weight")?, &self.get("head.proj.bias")?).map_err(ce("head"))?;
+                to_grid(y, self.out)?
+            }
+            HeadKind::Decoder => {
+                let h = self.get("head.fc.weight")?.dim(0).map_err(ce("hidden"))?;
+                let y = super::ops::linear(tokens, &self.get("head.fc.weight")?, &self.get("head.fc.bias")?).map_err(ce("head"))?;
+                let y = super::ops::quick_gelu(&y).map_err(ce("head"))?;
+                let y = to_grid(y, h)?;
+                let y = super::ops::upsample_bilinear(&y, (grid * 2, grid * 2)).map_err(ce("upsample"))?;
+                let y = y.conv2d(&self.get("head.conv.weight")?, 1, 1, 1, 1).map_err(ce("conv"))?;
+                let y = y.broadcast_add(&self.get("head.conv.bias")?.reshape((1, h, 1, 1)).map_err(ce("bias"))?).and_then(|y| y.relu()).map_err(ce("conv"))?;
+                let y = y.conv2d(&self.get("head.out.weight")?, 0, 1, 1, 1).map_err(ce("conv"))?;
+                y.broadcast_add(&self.get("head.out.bias")?.reshape((1, self.out, 1, 1)).map_err(ce("bias"))?).map_err(ce("conv"))?
+            }
+        };
+        super::ops::upsample_bilinear(&y, (size, size)).map_err(ce("upsample"))
+    }
+}
+
+/// The encoder's patch tokens (class token dropped, post-layernorm applied): [B, N, width].
+pub fn patch_tokens(clip: &Clip, pixels: &Tensor) -> Result<Tensor> {
+    let (x, _) = clip.image_tokens(pixels)?;
+    let n = x.dim(1).map_err(ce("tokens"))?;
+    let p = x.narrow(1, 1, n - 1).map_err(ce("patches"))?;
+    super::model::layer_norm(
+        &p.contiguous().map_err(ce("patches"))?,
+        &clip.params.vars["vision_model.post_layernorm.weight"].as_tensor().clone(),
+        &clip.params.vars["vision_model.post_layernorm.bias"].as_tensor().clone(),
+    )
+}
+
+/// Per-pixel cross-entropy over valid pixels. `logits` [B, C, S, S]; `labels` B·S·S class
+/// indices; `ignore` skipped.
+pub fn segmentation_loss(logits: &Tensor, labels: &[u32], ignore: Option<u32>) -> Result<Tensor> {
+    let (b, c, s, _) = logits.dims4().map_err(ce("logits"))?;
+    let flat = logits.permute((0, 2, 3, 1)).and_then(|x| x.reshape((b * s * s, c))).map_err(ce("logits"))?;
+    let lsm = candle_nn::ops::log_softmax(&flat, D::Minus1).map_err(ce("log_softmax"))?;
+    let valid: Vec<f32> = labels.iter().map(|&l| if Some(l) == ignore || l as usize >= c { 0.0 } else { 1.0 }).collect();
+    let idx: Vec<u32> = labels.iter().map(|&l| if (l as usize) < c { l } else { 0 }).collect();
+    let n = valid.iter().sum::<f32>().max(1.0);
+    let idx = Tensor::from_vec(idx, (b * s * s, 1), logits.device()).map_err(ce("labels"))?;
+    let valid = Tensor::from_vec(valid, b * s * s, logits.device()).map_err(ce("labels"))?;
+    let picked = lsm.gather(&idx, 1).and_then(|x| x.squeeze(1)).map_err(ce("gather"))?;
+    (picked * valid).and_then(|x| x.sum_all()).and_then(|x| x.affine(-1.0 / n as f64, 0.0)).map_err(ce("loss"))
+}
+
+/// Depth loss on log-depth predictions [B, 1, S, S] against depth in metres (0 = no measurement).
+pub fn depth_loss(log_pred: &Tensor, truth: &[f32], kind: DepthLoss) -> Result<Tensor> {
+    let dev = log_pred.device();
+    let n_all = truth.len();
+    let valid: Vec<f32> = truth.iter().map(|&t| if t > 0.0 && t.is_finite() { 1.0 } else { 0.0 }).collect();
+    let n = valid.iter().sum::<f32>().max(1.0) as f64;
+    let p = log_pred.flatten_all().map_err(ce("pred"))?;
+    let valid_t = Tensor::from_vec(valid, n_all, dev).map_err(ce("valid"))?;
+    match kind {
+        DepthLoss::L1 => {
+            let t = Tensor::from_vec(truth.to_vec(), n_all, dev).map_err(ce("truth"))?;
+            (p.exp().map_err(ce("exp"))? - t).and_then(|d| d.abs()).and_then(|d| d * valid_t).and_then(|d| d.sum_all()).and_then(|d| d.affine(1.0 / n, 0.0)).map_err(ce("l1"))
+        }
+        DepthLoss::Silog => {
+            let lt: Vec<f32> = truth.iter().map(|&t| if t > 0.0 && t.is_finite() { t.ln() } else { 0.0 }).collect();
+            let lt = Tensor::from_vec(lt, n_all, dev).map_err(ce("truth"))?;
+            let d = (p - lt).and_then(|d| d * valid_t).map_err(ce("silog"))?;
+            let mean_sq = d.sqr().and_then(|x| x.sum_all()).and_then(|x| x.affine(1.0 / n, 0.0)).map_err(ce("silog"))?;
+            let mean = d.sum_all().and_then(|x| x.affine(1.0 / n, 0.0)).map_err(ce("silog"))?;
+            (mean_sq - (mean.sqr().map_err(ce("silog"))? * 0.85).map_err(ce("silog"))?).and_then(|x| (x + 1e-8)?.sqrt()).map_err(ce("silog"))
+        }
+    }
+}
+
+/// A depth map through the model's resize (nearest) and centre crop.
+pub fn depth_to_input(depth: &[f32], w: u32, h: u32, s: usize) -> Vec<f32> {
+    // The same index map as masks: values are carried, not blended.
+    let idx: Vec<u32> = (0..depth.len() as u32).collect();
+    mask_to_input(&idx, w, h, s).into_iter().map(|i| depth[i as usize]).collect()
+}
+
+/// Dense scores of a finetuned head on a dense set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DenseHeadScores {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segmentation: Option<SegScores>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depth: Option<DepthScores>,
+    pub images: usize,
+}
+
+/// The finetuning state: student, head, their optimisers.
+pub struct Finetuner {
+    pub student: StudentModel,
+    pub head: Head,
+    pub task: DenseTask,
+    pub mode: FinetuneMode,
+    pub depth_loss: DepthLoss,
+    pub classes: Vec<String>,
+    pub ignore: Option<u32>,
+    head_opt: AdamW,
+    enc_opt: Option<AdamW>,
+}
+
+/// One prepared batch: pixels and per-pixel targets at the model's input size.
+pub struct DenseBatch {
+    pub pixels: Tensor,
+    pub labels: Vec<u32>,
+    pub depth: Vec<f32>,
+}
+
+impl Finetuner {
+    pub fn new(student: StudentModel, cfg: &FinetuneConfig, spec: &super::dense::DenseSpec) -> Result<Finetuner> {
+        let out = match cfg.task {
+            DenseTask::Segmentation => spec.classes.len(),
+            DenseTask::Depth => 1,
+        };
+        let width = student.clip.shape.vision.width;
+        let head = Head::init(cfg.head.kind, width, cfg.head.hidden as usize, out, cfg.train.seed, &Device::Cpu)?;
+        let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.optim.weight_decay };
+        let head_opt = AdamW::new(head.vars.iter().map(|(k, v)| (k.clone(), v.clone(), v.rank() >= 2)), settings)?;
+        let enc_opt = match cfg.mode {
+            FinetuneMode::Frozen => None,
+            FinetuneMode::Full => Some(AdamW::new(
+                student.clip.params.vars.iter().map(|(k, v)| (k.clone(), v.clone(), super::model::Params::decays(k, v.as_tensor()))),
+                settings,
+            )?),
+        };
+        Ok(Finetuner {
+            student,
+            head,
+            task: cfg.task,
+            mode: cfg.mode,
+            depth_loss: cfg.head.depth_loss,
+            classes: spec.classes.clone(),
+            ignore: spec.ignore_index,
+            head_opt,
+            enc_opt,
+        })
+    }
+
+    fn size(&self) -> usize {
+        self.student.clip.shape.vision.image_size
+    }
+
+    /// Decode and align a set of rows.
+    pub fn batch(&self, rows: &[&DenseRow], set_path: &Path) -> Result<DenseBatch> {
+        let s = self.size();
+        let imgs: Vec<image::RgbImage> = rows
+            .iter()
+            .map(|r| image::load_from_memory(&r.image).map(|i| i.to_rgb8()).map_err(|e| Error::input(set_path, format!("{}: the image does not decode: {e}", r.path))))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&image::RgbImage> = imgs.iter().collect();
+        let px = self.student.processor.batch(&refs, (s as u32, s as u32)).map_err(|e| Error::Internal(format!("preprocessing: {e}")))?;
+        let pixels = Tensor::from_vec(px, (rows.len(), 3, s, s), &Device::Cpu).map_err(ce("pixels"))?;
+        let mut labels = Vec::new();
+        let mut depth = Vec::new();
+        for r in rows {
+            if let Some(m) = &r.mask {
+                labels.extend(mask_to_input(m, r.width, r.height, s));
+            } else {
+                labels.extend(std::iter::repeat_n(u32::MAX, s * s));
+            }
+            if let Some(d) = &r.depth {
+                depth.extend(depth_to_input(d, r.width, r.height, s));
+            } else {
+                depth.extend(std::iter::repeat_n(0.0, s * s));
+            }
+        }
+        Ok(DenseBatch { pixels, labels, depth })
+    }
+
+    fn outputs(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut tokens = patch_tokens(&self.student.clip, pixels)?;
+        if self.mode == FinetuneMode::Frozen {
+            // No gradient flows into (or is computed for) the encoder.
+            tokens = tokens.detach();
+        }
+        let grid = self.size() / self.student.clip.shape.vision.patch_size;
+        self.head.forward(&tokens, grid, self.size())
+    }
+
+    fn loss(&self, b: &DenseBatch) -> Result<Tensor> {
+        let y = self.outputs(&b.pixels)?;
+        match self.task {
+            DenseTask::Segmentation => segmentation_loss(&y, &b.labels, self.ignore),
+            DenseTask::Depth => depth_loss(&y, &b.depth, self.depth_loss),
+        }
+    }
+
+    /// One step; returns the loss.
+    pub fn step(&mut self, b: &DenseBatch, lr: f64, enc_lr: f64, clip: Option<f64>) -> Result<f32> {
+        let loss = self.loss(b)?;
+        let value: f32 = loss.to_scalar().map_err(ce("loss"))?;
+        if !value.is_finite() {
+            return Err(Error::Internal(format!("the finetuning loss is {value} (learning rate {lr:.2e}); lower optim.lr")));
+        }
+        let grads = loss.backward().map_err(ce("backward"))?;
+        let mut norm2 = self.head_opt.grad_norm(&grads)?.powi(2);
+        if let Some(e) = &self.enc_opt {
+            norm2 += e.grad_norm(&grads)?.powi(2);
+        }
+        let scale = match clip {
+            Some(m) if (norm2.sqrt() as f64) > m => m / (norm2.sqrt() as f64 + 1e-6),
+            _ => 1.0,
+        };
+        self.head_opt.step(&grads, lr, scale)?;
+        if let Some(e) = &mut self.enc_opt {
+            e.step(&grads, enc_lr, scale)?;
+        }
+        Ok(value)
+    }
+
+    /// Scores on a dense set (its labelled images).
+    pub fn evaluate(&self, set: &DenseSet, batch: usize) -> Result<DenseHeadScores> {
+        let rows: Vec<&DenseRow> = set
+            .rows
+            .iter()
+            .filter(|r| match self.task {
+                DenseTask::Segmentation => r.mask.is_some(),
+                DenseTask::Depth => r.depth.is_some(),
+            })
+            .collect();
+        let mut conf = Confusion::new(self.classes.len(), self.ignore);
+        let mut derr = DepthErrors::default();
+        for chunk in rows.chunks(batch.max(1)) {
+            let b = self.batch(chunk, &set.path)?;
+            let y = self.outputs(&b.pixels)?.detach();
+            match self.task {
+                DenseTask::Segmentation => {
+                    let pred: Vec<u32> = y.argmax(1).and_then(|p| p.flatten_all()).and_then(|p| p.to_vec1()).map_err(ce("argmax"))?;
+                    conf.add(&b.labels, &pred);
+                }
+                DenseTask::Depth => {
+                    let pred: Vec<f32> = y.exp().and_then(|p| p.flatten_all()).and_then(|p| p.to_vec1()).map_err(ce("depth"))?;
+                    derr.add(&b.depth, &pred);
+                }
+            }
+        }
+        Ok(DenseHeadScores {
+            segmentation: (self.task == DenseTask::Segmentation).then(|| conf.scores(&self.classes)),
+            depth: (self.task == DenseTask::Depth).then(|| derr.scores()),
+            images: rows.len(),
+        })
+    }
+
+    pub fn save(&self, dir: &Path, cfg: &FinetuneConfig) -> Result<()> {
+        super::write_model_dir(&self.student.clip, &self.student.dir, dir)?;
+        let heads: std::collections::HashMap<String, Tensor> = self.head.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let hp = dir.join("head.safetensors");
+        candle_core::safetensors::save(&heads, &hp).map_err(|e| Error::model(&hp, format!("cannot write: {e}")))?;
+        let meta = serde_json::json!({ "task": cfg.task, "head": cfg.head, "classes": self.classes, "ignore_index": self.ignore, "mode": cfg.mode });
+        let mp = dir.join("finetune.json");
+        std::fs::write(&mp, serde_json::to_string_pretty(&meta).expect("json")).map_err(|e| Error::io("cannot write", &mp, e))
+    }
+}
+
+/// What a finetuning run reports (also `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneSummary {
+    pub steps: u64,
+    pub train_images: usize,
+    pub final_loss: f32,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<DenseHeadScores>,
+    pub model_dir: String,
+}
+
+/// Run a finetuning file.
+pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<FinetuneSummary> {
+    let mut problems = Vec::new();
+    let mut add = |p: &str, e: Error| problems.push(Problem { path: p.into(), message: e.to_string() });
+    let train = DenseSet::open(Path::new(&cfg.data.train)).map_err(|e| add("data.train", e)).ok();
+    let eval = cfg.data.eval.as_ref().and_then(|p| DenseSet::open(Path::new(p)).map_err(|e| add("data.eval", e)).ok());
+    let student_dir = {
+        let p = PathBuf::from(&cfg.student);
+        if p.join("model").join("model.safetensors").is_file() {
+            p.join("model")
+        } else {
+            p
+        }
+    };
+    let student = StudentModel::load(&student_dir).map_err(|e| add("student", e)).ok();
+    if !problems.is_empty() {
+        return Err(super::config::config_error(label, problems));
+    }
+    let (train, student) = (train.expect("checked"), student.expect("checked"));
+    let labelled: Vec<&DenseRow> = train
+        .rows
+        .iter()
+        .filter(|r| match cfg.task {
+            DenseTask::Segmentation => r.mask.is_some(),
+            DenseTask::Depth => r.depth.is_some(),
+        })
+        .collect();
+    if labelled.is_empty() {
+        return Err(Error::input(&train.path, format!("has no {:?} labels", cfg.task)));
+    }
+    // The label budget: a seeded subset.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0xB0D6E7);
+    let mut order: Vec<usize> = (0..labelled.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let keep = ((labelled.len() as f64 * cfg.data.fraction).round() as usize).clamp(1, labelled.len());
+    let subset: Vec<&DenseRow> = order[..keep].iter().map(|&i| labelled[i]).collect();
+    if cfg.train.threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", cfg.train.threads.to_string());
+    }
+    super::keep_freed_memory();
+    let mut ft = Finetuner::new(student, cfg, &train.spec)?;
+    if cfg.task == DenseTask::Depth {
+        // Start the head at the training set's mean log-depth: the scale-invariant loss learns
+        // the absolute scale only slowly (its λ = 0.85 leaves 15% weight on the mean).
+        let logs: Vec<f64> = subset.iter().flat_map(|r| r.depth.iter().flatten()).filter(|d| **d > 0.0).map(|d| (*d as f64).ln()).collect();
+        if !logs.is_empty() {
+            ft.head.set_output_bias((logs.iter().sum::<f64>() / logs.len() as f64) as f32)?;
+        }
+    }
+    let out = PathBuf::from(&cfg.output.dir);
+    std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create", &out, e))?;
+    let mp = out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&mp).map_err(|e| Error::io("cannot create", &mp, e))?;
+    let bs = cfg.train.batch_size as usize;
+    let pb = super::progress_bar(progress, cfg.train.steps, 0);
+    let t0 = Instant::now();
+    let mut cursor = subset.len();
+    let mut epoch_order: Vec<usize> = Vec::new();
+    let mut last = f32::NAN;
+    let mut last_eval = None;
+    for step in 0..cfg.train.steps {
+        let mut rows = Vec::with_capacity(bs);
+        while rows.len() < bs.min(subset.len()) {
+            if cursor >= epoch_order.len() {
+                epoch_order = (0..subset.len()).collect();
+                for i in (1..epoch_order.len()).rev() {
+                    epoch_order.swap(i, rng.random_range(0..=i));
+                }
+                cursor = 0;
+            }
+            rows.push(subset[epoch_order[cursor]]);
+            cursor += 1;
+        }
+        let b = ft.batch(&rows, &train.path)?;
+        let o = &cfg.optim;
+        let lr = cosine_lr(step, o.lr, 0.0, o.warmup_steps, cfg.train.steps);
+        let enc_lr = cosine_lr(step, o.encoder_lr, 0.0, o.warmup_steps, cfg.train.steps);
+        last = ft.step(&b, lr, enc_lr, o.grad_clip)?;
+        let done = step + 1;
+        let eval_now = eval.as_ref().filter(|_| (cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0) || done == cfg.train.steps);
+        let scores = match eval_now {
+            Some(e) => Some(ft.evaluate(e, 32)?),
+            None => None,
+        };
+        if done % cfg.train.log_every == 0 || done == cfg.train.steps || scores.is_some() {
+            let mut line = serde_json::json!({ "step": done, "loss": last, "lr": lr, "encoder_lr": enc_lr, "images_per_s": (done as usize * bs) as f64 / t0.elapsed().as_secs_f64() });
+            if let Some(s) = &scores {
+                line["eval"] = serde_json::to_value(s).expect("json");
+            }
+            writeln!(metrics, "{line}").map_err(|e| Error::io("cannot write", &mp, e))?;
+            pb.set_message(format!("loss {last:.4}"));
+        }
+        if scores.is_some() {
+            last_eval = scores;
+        }
+        pb.set_position(done);
+    }
+    pb.finish_and_clear();
+    let model_dir = out.join("model");
+    ft.save(&model_dir, cfg)?;
+    let s = FinetuneSummary { steps: cfg.train.steps, train_images: subset.len(), final_loss: last, seconds: t0.elapsed().as_secs_f64(), eval: last_eval, model_dir: model_dir.display().to_string() };
+    let sp = out.join("summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&s).expect("json")).map_err(|e| Error::io("cannot write", &sp, e))?;
+    Ok(s)
+}
