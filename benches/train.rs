@@ -4,6 +4,9 @@
 //!       median seconds of one training step (forward, contrastive + distillation, backward,
 //!       clipping, AdamW) on a fixed random batch; benches/train_python.py times the same
 //!       architecture in PyTorch, and benches/train_vs_pytorch.sh prints the ratio.
+//!   cargo bench --no-default-features --bench train -- finetune linear|decoder frozen|full THREADS BATCH [STEPS]
+//!       median seconds of one dense finetuning step (segmentation head on clip-a's shapes);
+//!       benches/finetune_python.py times the same in PyTorch.
 //!   cargo bench --no-default-features --bench train -- data SHARDS_DIR WORKERS BATCH [BATCHES]
 //!       samples/s of the data path alone: shards → decoded, replayed views, tokenised batches.
 
@@ -96,6 +99,42 @@ fn step(preset: &str, threads: usize, batch: usize, steps: usize) {
     );
 }
 
+/// One finetuning step of a segmentation head (linear or decoder) on teacher clip-a's shape
+/// (the tiny shapes: 64 px, patch 8, width 64), frozen or full; random batch, 5 classes.
+fn finetune_step(head: &str, mode: &str, threads: usize, batch: usize, steps: usize) {
+    use recap::train::finetune::{self, Finetuner};
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let yaml = std::fs::read_to_string("pipelines/finetune-tiny.yaml").unwrap();
+    let cfg = finetune::parse_str(&yaml, "bench", &[format!("head.kind={head}"), format!("mode={mode}")]).unwrap();
+    let student = recap::train::eval::StudentModel::load(std::path::Path::new("models/shapeworld-clip-a")).unwrap();
+    let spec = recap::train::dense::DenseSpec {
+        version: 1,
+        classes: ["background", "circle", "square", "triangle", "diamond"].iter().map(|s| s.to_string()).collect(),
+        ignore_index: None,
+        depth_scale: 0.001,
+        depth_unit: None,
+    };
+    let mut ft = Finetuner::new(student, &cfg, &spec).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let s = 64;
+    let pixels: Vec<f32> = (0..batch * 3 * s * s).map(|_| rng.random_range(-1.5..1.5)).collect();
+    let b = finetune::DenseBatch {
+        pixels: candle_core::Tensor::from_vec(pixels, (batch, 3, s, s), &Device::Cpu).unwrap(),
+        labels: (0..batch * s * s).map(|_| rng.random_range(0..5u32)).collect(),
+        depth: Vec::new(),
+    };
+    for _ in 0..3 {
+        ft.step(&b, 1e-4, 1e-5, Some(1.0)).unwrap();
+    }
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        ft.step(&b, 1e-4, 1e-5, Some(1.0)).unwrap();
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    println!("{}", serde_json::json!({"bench": format!("finetune_{head}_{mode}"), "threads": threads, "batch": batch, "seconds_per_step": median(times)}));
+}
+
 fn data_path(dir: &str, workers: usize, batch: usize, batches: usize) {
     let set = std::sync::Arc::new(data::ShardSet::open(dir).unwrap());
     let tok = recap::models::hf::TextTokenizer::load(std::path::Path::new("models/shapeworld-clip-a"), 32).unwrap();
@@ -128,6 +167,7 @@ fn main() {
     let get = |i: usize, d: &str| args.get(i).cloned().unwrap_or_else(|| d.to_string());
     match get(0, "step").as_str() {
         "step" => step(&get(1, "tiny"), get(2, "2").parse().unwrap(), get(3, "64").parse().unwrap(), get(4, "20").parse().unwrap()),
+        "finetune" => finetune_step(&get(1, "linear"), &get(2, "frozen"), get(3, "2").parse().unwrap(), get(4, "16").parse().unwrap(), get(5, "20").parse().unwrap()),
         "data" => data_path(&get(1, "recap-demo/shards"), get(2, "2").parse().unwrap(), get(3, "64").parse().unwrap(), get(4, "50").parse().unwrap()),
         other => eprintln!("unknown bench {other}: expected step or data"),
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One training step, recap (candle, release) vs the same architecture in PyTorch on CPU: same
+# One training step, recap (candle, release) vs the same architecture in PyTorch on CPU (and one
+# dense finetuning step of each head and mode): same
 # presets, batch, threads, loss (contrastive + distillation), clipping and AdamW, fp32. Rounds
 # alternate recap and Python (RUNS, default 3); prints the median seconds per step of each and
 # the ratio recap / PyTorch (target: <= 1.5). Then the data path alone (shards -> replayed,
@@ -18,6 +19,13 @@ for _ in $(seq "$runs"); do
   for preset in tiny small; do
     rs+=$(cargo bench --no-default-features --bench train -- step "$preset" "$threads" "$batch" 2>/dev/null | grep '^{')$'\n'
     py+=$("$venv/bin/python" benches/train_python.py "$preset" "$threads" "$batch" 2>/dev/null | grep '^{')$'\n'
+  done
+  # Dense finetuning steps (segmentation head on clip-a's tiny shapes), batch 16.
+  for head in linear decoder; do
+    for mode in frozen full; do
+      rs+=$(cargo bench --no-default-features --bench train -- finetune "$head" "$mode" "$threads" 16 2>/dev/null | grep '^{')$'\n'
+      py+=$("$venv/bin/python" benches/finetune_python.py "$head" "$mode" "$threads" 16 2>/dev/null | grep '^{')$'\n'
+    done
   done
 done
 python3 - "$rs" "$py" "$runs" <<'PY'
