@@ -301,11 +301,15 @@ impl Head {
                 let y = super::ops::linear(tokens, &self.get("head.fc.weight")?, &self.get("head.fc.bias")?).map_err(ce("head"))?;
                 let y = super::ops::quick_gelu(&y).map_err(ce("head"))?;
                 let y = to_grid(y, h)?;
-                let y = super::ops::upsample_bilinear(&y, (grid * 2, grid * 2)).map_err(ce("upsample"))?;
-                let y = y.conv2d(&self.get("head.conv.weight")?, 1, 1, 1, 1).map_err(ce("conv"))?;
-                let y = y.broadcast_add(&self.get("head.conv.bias")?.reshape((1, h, 1, 1)).map_err(ce("bias"))?).and_then(|y| y.relu()).map_err(ce("conv"))?;
-                let y = y.conv2d(&self.get("head.out.weight")?, 0, 1, 1, 1).map_err(ce("conv"))?;
-                y.broadcast_add(&self.get("head.out.bias")?.reshape((1, self.out, 1, 1)).map_err(ce("bias"))?).map_err(ce("conv"))?
+                let g2 = grid * 2;
+                let y = super::ops::upsample_bilinear(&y, (g2, g2)).map_err(ce("upsample"))?;
+                // The convolutions as matrix products, channel-last (candle's conv2d backward is
+                // slow on CPU): 3×3 + ReLU, then 1×1.
+                let y = super::ops::conv3x3_channels_last(&y, &self.get("head.conv.weight")?, &self.get("head.conv.bias")?).map_err(ce("conv"))?;
+                let y = y.relu().map_err(ce("relu"))?;
+                let w = self.get("head.out.weight")?.reshape((self.out, h)).map_err(ce("conv"))?;
+                let y = super::ops::linear(&y, &w, &self.get("head.out.bias")?).map_err(ce("conv"))?;
+                y.transpose(1, 2).and_then(|y| y.reshape((b, self.out, g2, g2))).map_err(ce("grid"))?
             }
         };
         super::ops::upsample_bilinear(&y, (size, size)).map_err(ce("upsample"))
@@ -327,10 +331,16 @@ pub fn patch_tokens(clip: &Clip, pixels: &Tensor) -> Result<Tensor> {
 /// Per-pixel cross-entropy over valid pixels. `logits` [B, C, S, S]; `labels` B·S·S class
 /// indices; `ignore` skipped.
 pub fn segmentation_loss(logits: &Tensor, labels: &[u32], ignore: Option<u32>) -> Result<Tensor> {
+    let c = logits.dim(1).map_err(ce("logits"))? as u32;
+    // The ignore index (and anything that is not a class) is skipped by the loss.
+    let labels: Vec<u32> = labels.iter().map(|&l| if Some(l) == ignore { u32::MAX } else if l < c { l } else { u32::MAX }).collect();
+    if logits.device().is_cpu() {
+        return super::ops::pixel_cross_entropy(logits, labels).map_err(ce("cross-entropy"));
+    }
     let (b, c, s, _) = logits.dims4().map_err(ce("logits"))?;
     let flat = logits.permute((0, 2, 3, 1)).and_then(|x| x.reshape((b * s * s, c))).map_err(ce("logits"))?;
     let lsm = candle_nn::ops::log_softmax(&flat, D::Minus1).map_err(ce("log_softmax"))?;
-    let valid: Vec<f32> = labels.iter().map(|&l| if Some(l) == ignore || l as usize >= c { 0.0 } else { 1.0 }).collect();
+    let valid: Vec<f32> = labels.iter().map(|&l| if (l as usize) < c { 1.0 } else { 0.0 }).collect();
     let idx: Vec<u32> = labels.iter().map(|&l| if (l as usize) < c { l } else { 0 }).collect();
     let n = valid.iter().sum::<f32>().max(1.0);
     let idx = Tensor::from_vec(idx, (b * s * s, 1), logits.device()).map_err(ce("labels"))?;

@@ -506,6 +506,172 @@ fn attention_kept(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool
 }
 
 // ---------------------------------------------------------------------------------------------
+// 3×3 patches (padding 1, stride 1), for convolutions as a matrix product: x [B, C, H, W] →
+// [B, H·W, C·9], column c·9 + ky·3 + kx; the backward scatters the gradients back.
+
+struct Im2Col3;
+
+impl candle_core::CustomOp1 for Im2Col3 {
+    fn name(&self) -> &'static str {
+        "recap-im2col3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "im2col input")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let k = c * 9;
+        let mut out = vec![0f32; b * h * w * k];
+        out.par_chunks_mut(w * k).enumerate().for_each(|(row, o)| {
+            let (bi, y) = (row / h, row % h);
+            for xx in 0..w {
+                let cell = &mut o[xx * k..(xx + 1) * k];
+                for ci in 0..c {
+                    let plane = &x[(bi * c + ci) * h * w..(bi * c + ci + 1) * h * w];
+                    for ky in 0..3 {
+                        let sy = y as isize + ky as isize - 1;
+                        if sy < 0 || sy >= h as isize {
+                            continue;
+                        }
+                        for kx in 0..3 {
+                            let sx = xx as isize + kx as isize - 1;
+                            if sx >= 0 && sx < w as isize {
+                                cell[ci * 9 + ky * 3 + kx] = plane[sy as usize * w + sx as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, h * w, k))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        let (b, c, h, w) = x.dims4()?;
+        let k = c * 9;
+        let dx = with_data(g, |gv| {
+            let mut dx = vec![0f32; b * c * h * w];
+            // One task per (batch, channel) plane: each writes only its own plane.
+            dx.par_chunks_mut(h * w).enumerate().for_each(|(plane, d)| {
+                let (bi, ci) = (plane / c, plane % c);
+                for y in 0..h {
+                    for xx in 0..w {
+                        let cell = &gv[((bi * h + y) * w + xx) * k..((bi * h + y) * w + xx + 1) * k];
+                        for ky in 0..3 {
+                            let sy = y as isize + ky as isize - 1;
+                            if sy < 0 || sy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..3 {
+                                let sx = xx as isize + kx as isize - 1;
+                                if sx >= 0 && sx < w as isize {
+                                    d[sy as usize * w + sx as usize] += cell[ci * 9 + ky * 3 + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(dx)
+        })?;
+        Ok(Some(tensor(dx, x.shape(), x)?))
+    }
+}
+
+/// A 3×3 convolution, padding 1, stride 1, as patches × weights: x [B, C, H, W], w [O, C, 3, 3]
+/// (PyTorch's layout), b [O] → [B, H·W, O] (channel-last, ready for a following 1×1 layer).
+pub fn conv3x3_channels_last(x: &Tensor, w: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    let (o, c, _, _) = w.dims4()?;
+    let cols = x.contiguous()?.apply_op1(Im2Col3)?;
+    linear(&cols, &w.reshape((o, c * 9))?, b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-pixel cross-entropy: logits [B, C, H, W] (channels first, as heads make them) and a label
+// per pixel → the mean of −log softmax at the label over pixels whose label is a class
+// (others, e.g. an ignore index, are skipped). One op instead of a transpose, a log-softmax of
+// five ops, a gather and a masked mean.
+
+struct PixelCrossEntropy {
+    labels: Vec<u32>,
+}
+
+impl PixelCrossEntropy {
+    /// (softmax probabilities at every class, per pixel) streamed to `f(b, pixel, probs)`.
+    fn for_each_pixel(&self, x: &[f32], dims: (usize, usize, usize), mut f: impl FnMut(usize, usize, &[f32])) {
+        let (b, c, hw) = dims;
+        let mut p = vec![0f32; c];
+        for bi in 0..b {
+            for i in 0..hw {
+                let mut max = f32::NEG_INFINITY;
+                for k in 0..c {
+                    p[k] = x[(bi * c + k) * hw + i];
+                    max = max.max(p[k]);
+                }
+                let mut sum = 0f32;
+                p.iter_mut().for_each(|v| {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                });
+                p.iter_mut().for_each(|v| *v /= sum);
+                f(bi, i, &p);
+            }
+        }
+    }
+
+    fn valid(&self, c: usize) -> usize {
+        self.labels.iter().filter(|&&l| (l as usize) < c).count()
+    }
+}
+
+impl candle_core::CustomOp1 for PixelCrossEntropy {
+    fn name(&self) -> &'static str {
+        "recap-pixel-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "logits")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        if self.labels.len() != b * h * w {
+            candle_core::bail!("{} labels for {} pixels", self.labels.len(), b * h * w);
+        }
+        let mut total = 0f64;
+        self.for_each_pixel(x, (b, c, h * w), |bi, i, p| {
+            let l = self.labels[bi * h * w + i] as usize;
+            if l < c {
+                total -= (p[l].max(1e-30) as f64).ln();
+            }
+        });
+        let n = self.valid(c).max(1) as f64;
+        Ok((CpuStorage::F32(vec![(total / n) as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        let (b, c, h, w) = x.dims4()?;
+        let scale = g.to_scalar::<f32>()? / self.valid(c).max(1) as f32;
+        let hw = h * w;
+        let dx = with_data(x, |xv| {
+            let mut dx = vec![0f32; xv.len()];
+            self.for_each_pixel(xv, (b, c, hw), |bi, i, p| {
+                let l = self.labels[bi * hw + i] as usize;
+                if l < c {
+                    for k in 0..c {
+                        dx[(bi * c + k) * hw + i] = scale * (p[k] - if k == l { 1.0 } else { 0.0 });
+                    }
+                }
+            });
+            Ok(dx)
+        })?;
+        Ok(Some(tensor(dx, x.shape(), x)?))
+    }
+}
+
+/// Mean per-pixel cross-entropy of logits [B, C, H, W] against `labels` (B·H·W; values ≥ C are
+/// skipped).
+pub fn pixel_cross_entropy(logits: &Tensor, labels: Vec<u32>) -> CResult<Tensor> {
+    logits.contiguous()?.apply_op1(PixelCrossEntropy { labels })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bilinear resizing as two matrix products (candle's upsample_bilinear2d has no backward).
 
 /// The [out, in] matrix that resizes one axis by linear interpolation, as PyTorch's
@@ -589,6 +755,30 @@ mod tests {
             let want = Tensor::from_vec(f32s(&case["grad"]), dims.as_slice(), &Device::Cpu).unwrap();
             close(g.get(x.as_tensor()).unwrap(), &want, 1e-4, "bilinear gradient");
         }
+    }
+
+    #[test]
+    fn pixel_cross_entropy_matches_the_composed_loss() {
+        let x = var(&[2, 3, 2, 2], 31);
+        let labels = vec![0, 2, 1, 9, 2, 2, 0, 1];
+        let composed = || {
+            let flat = x.permute((0, 2, 3, 1)).unwrap().reshape((8, 3)).unwrap();
+            let lsm = candle_nn::ops::log_softmax(&flat, D::Minus1).unwrap();
+            let idx = Tensor::from_vec(labels.iter().map(|&l| l.min(2)).collect::<Vec<u32>>(), (8, 1), &Device::Cpu).unwrap();
+            let valid = Tensor::from_vec(labels.iter().map(|&l| if l < 3 { 1f32 } else { 0.0 }).collect::<Vec<f32>>(), 8, &Device::Cpu).unwrap();
+            (lsm.gather(&idx, 1).unwrap().squeeze(1).unwrap() * valid).unwrap().sum_all().unwrap().affine(-1.0 / 7.0, 0.0).unwrap()
+        };
+        check(&[&x], || pixel_cross_entropy(&x, labels.clone()).unwrap(), &composed, "pixel cross-entropy");
+    }
+
+    #[test]
+    fn conv3x3_matches_candles_conv2d() {
+        let (x, w, b) = (var(&[2, 3, 5, 4], 21), var(&[6, 3, 3, 3], 22), var(&[6], 23));
+        let composed = || {
+            let y = x.conv2d(&w, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap()).unwrap();
+            y.flatten_from(2).unwrap().transpose(1, 2).unwrap()
+        };
+        check(&[&x, &w, &b], || conv3x3_channels_last(&x, &w, &b).unwrap(), &composed, "conv3x3");
     }
 
     #[test]
