@@ -191,7 +191,9 @@ impl StudentModel {
     /// A model directory as `recap train` writes it (`model/` of a run).
     pub fn load(dir: &Path) -> Result<StudentModel> {
         let shape = ClipShape::from_hf_config(&dir.join("config.json"))?;
-        let clip = Student::load(&shape, &dir.join("model.safetensors"), &Device::Cpu)?;
+        let mut clip = Student::load(&shape, &dir.join("model.safetensors"), &Device::Cpu)?;
+        // Evaluation needs no gradients: the forward records nothing.
+        clip.params.frozen = true;
         let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
         let tokenizer = TextTokenizer::load(dir, shape.text.context_length)?;
         Ok(StudentModel { dir: dir.to_path_buf(), clip, processor, tokenizer })

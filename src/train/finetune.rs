@@ -321,11 +321,7 @@ pub fn patch_tokens(clip: &Clip, pixels: &Tensor) -> Result<Tensor> {
     let (x, _) = clip.image_tokens(pixels)?;
     let n = x.dim(1).map_err(ce("tokens"))?;
     let p = x.narrow(1, 1, n - 1).map_err(ce("patches"))?;
-    super::model::layer_norm(
-        &p.contiguous().map_err(ce("patches"))?,
-        &clip.params.vars["vision_model.post_layernorm.weight"].as_tensor().clone(),
-        &clip.params.vars["vision_model.post_layernorm.bias"].as_tensor().clone(),
-    )
+    clip.post_layernorm(&p.contiguous().map_err(ce("patches"))?)
 }
 
 /// Per-pixel cross-entropy over valid pixels. `logits` [B, C, S, S]; `labels` B·S·S class
@@ -411,7 +407,8 @@ pub struct DenseBatch {
 }
 
 impl Finetuner {
-    pub fn new(student: StudentModel, cfg: &FinetuneConfig, spec: &super::dense::DenseSpec) -> Result<Finetuner> {
+    pub fn new(mut student: StudentModel, cfg: &FinetuneConfig, spec: &super::dense::DenseSpec) -> Result<Finetuner> {
+        student.clip.params.frozen = cfg.mode == FinetuneMode::Frozen;
         let out = match cfg.task {
             DenseTask::Segmentation => spec.classes.len(),
             DenseTask::Depth => 1,

@@ -181,11 +181,15 @@ pub const MAX_LOGIT_SCALE: f32 = 100.0;
 /// The trainable tensors, by Hugging Face name, in a fixed order.
 pub struct Params {
     pub vars: BTreeMap<String, Var>,
+    /// Hand out the weights detached from the autograd graph: a frozen model's forward then
+    /// records nothing (a finetuning probe; evaluation).
+    pub frozen: bool,
 }
 
 impl Params {
     fn get(&self, name: &str) -> Result<Tensor> {
-        self.vars.get(name).map(|v| v.as_tensor().clone()).ok_or_else(|| Error::Internal(format!("no parameter {name}")))
+        let v = self.vars.get(name).ok_or_else(|| Error::Internal(format!("no parameter {name}")))?;
+        Ok(if self.frozen { v.as_detached_tensor() } else { v.as_tensor().clone() })
     }
 
     /// Parameters that get weight decay: matrices, not biases, norms, embeddings' position tables,
@@ -272,7 +276,7 @@ impl Clip {
         add("visual_projection.weight".into(), &[shape.embed_dim, v.width], normal(&mut rng, shape.embed_dim * v.width, vs))?;
         add("text_projection.weight".into(), &[shape.embed_dim, t.width], normal(&mut rng, shape.embed_dim * t.width, (t.width as f32).powf(-0.5)))?;
         add("logit_scale".into(), &[], vec![(1.0f32 / 0.07).ln()])?;
-        Clip::from_vars(shape.clone(), Params { vars }, device)
+        Clip::from_vars(shape.clone(), Params { vars, frozen: false }, device)
     }
 
     fn from_vars(shape: ClipShape, params: Params, device: &Device) -> Result<Clip> {
@@ -314,7 +318,7 @@ impl Clip {
                 format!("the weights do not fit the configured model shape ({n} tensors differ: {}{})", problems.join("; "), if n > 4 { "; ..." } else { "" }),
             ));
         }
-        Clip::from_vars(shape.clone(), Params { vars }, device)
+        Clip::from_vars(shape.clone(), Params { vars, frozen: false }, device)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -389,6 +393,11 @@ impl Clip {
         let patches = o.narrow(1, 1, n - 1).map_err(ce("patches"))?;
         let patches = self.layer_norm(&patches, "vision_model.post_layernorm")?;
         self.linear(&patches, "visual_projection", false)
+    }
+
+    /// The image tower's final layer norm (for patch tokens).
+    pub fn post_layernorm(&self, x: &Tensor) -> Result<Tensor> {
+        self.layer_norm(x, "vision_model.post_layernorm")
     }
 
     fn image_pool(&self, x: &Tensor) -> Result<Tensor> {
