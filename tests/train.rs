@@ -184,6 +184,12 @@ fn a_resumed_run_continues_with_the_same_batches_and_losses() {
         .unwrap()
         .to_string();
     assert!(e.contains("step-00000006") && e.contains("another model shape"), "{e}");
+    // ... and so is one trained with another seed (the data order would change).
+    let e = train::run(plan(&f.reinforced, b.path(), 6, &["train.seed=1"]).unwrap(), &train::TrainOptions { resume: true, progress: false })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("train.seed 0") && e.contains("the config says 1"), "{e}");
 }
 
 #[test]
@@ -203,6 +209,22 @@ fn bad_inputs_get_clear_messages() {
     // Teachers of other widths than the config expects.
     let e = plan(&f.reinforced, out.path(), 2, &["data.teacher_dims=[768, 768]"]).err().unwrap().to_string();
     assert!(e.contains("data.teacher_dims: [768, 768] expected") && e.contains("widths [64, 48]") && e.contains("00000.parquet"), "{e}");
+    // A shard scored by other teachers than the first one: named when the stream reaches it.
+    let mixed = tempfile::tempdir().unwrap();
+    std::fs::copy(f.reinforced.join("00000.parquet"), mixed.path().join("00000.parquet")).unwrap();
+    let (batch, _) = recap::sink::read_shard(&f.reinforced.join("00001.parquet")).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new("recap.teachers".into(), r#"[{"model":"other-clip","dim":112}]"#.to_string())]))
+        .build();
+    let file = std::fs::File::create(mixed.path().join("00001.parquet")).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let e = train::run(plan(mixed.path(), &out.path().join("mixed"), 6, &[]).unwrap(), &Default::default()).err().unwrap().to_string();
+    assert!(e.contains("00001.parquet") && e.contains("other-clip (112-d)") && e.contains("differ from the other shards'"), "{e}");
+    // A CUDA device in a build without the cuda feature: at train.device, with what to do.
+    let e = plan(&f.reinforced, out.path(), 2, &["train.device=cuda:1"]).err().unwrap().to_string();
+    assert!(e.contains("train.device") && e.contains("--features cuda"), "{e}");
     // A diverging run stops with the step and what to do, never a panic.
     let e = train::run(plan(&f.reinforced, out.path(), 20, &["optim.lr=1e12", "optim.grad_clip=null", "optim.warmup_steps=0"]).unwrap(), &Default::default())
         .err()
