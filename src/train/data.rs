@@ -274,6 +274,14 @@ pub struct Position {
     pub index: u64,
 }
 
+/// Fisher–Yates, drawing from `rng`: the permutation is a function of the generator's state.
+pub fn shuffle<T>(rng: &mut ChaCha8Rng, v: &mut [T]) {
+    for i in (1..v.len()).rev() {
+        let j = rng.random_range(0..=i);
+        v.swap(i, j);
+    }
+}
+
 fn seeded(parts: &[u64]) -> ChaCha8Rng {
     let mut key = [0u8; 32];
     for (i, p) in parts.iter().take(4).enumerate() {
@@ -301,10 +309,7 @@ impl EpochStream {
     pub fn new(set: Arc<ShardSet>, seed: u64, epoch: u64, buffer: usize) -> EpochStream {
         let mut rng = seeded(&[seed, epoch, STREAM_TAG]);
         let mut order: Vec<usize> = (0..set.files.len()).collect();
-        for i in (1..order.len()).rev() {
-            let j = rng.random_range(0..=i);
-            order.swap(i, j);
-        }
+        shuffle(&mut rng, &mut order);
         EpochStream { set, order, next_file: 0, pending: Vec::new().into_iter(), reader: None, buffer: Vec::new(), capacity: buffer.max(1), rng }
     }
 
@@ -621,13 +626,11 @@ fn produce(set: Arc<ShardSet>, bs: usize, buf: usize, seed: u64, from: Position,
     }
     let mut seq = 0u64;
     let mut rows: Vec<(Position, Row)> = Vec::with_capacity(bs);
-    let mut in_epoch = index;
     loop {
         match stream.next_row()? {
             Some(r) => {
                 rows.push((Position { epoch, index }, r));
                 index += 1;
-                in_epoch += 1;
                 if rows.len() == bs {
                     let after = Position { epoch, index };
                     if jobs.send((seq, std::mem::replace(&mut rows, Vec::with_capacity(bs)), after)).is_err() {
@@ -637,12 +640,11 @@ fn produce(set: Arc<ShardSet>, bs: usize, buf: usize, seed: u64, from: Position,
                 }
             }
             None => {
-                if in_epoch == 0 && index == 0 {
+                if index == 0 {
                     return Err(Error::input(Path::new(&set.spec), "has no rows with status ok to train on"));
                 }
                 epoch += 1;
                 index = 0;
-                in_epoch = 0;
                 stream = EpochStream::new(set.clone(), seed, epoch, buf);
             }
         }

@@ -18,11 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BinaryArray, StringArray, StructArray};
-use arrow::datatypes::{DataType, Field, Fields, Schema};
-use arrow::record_batch::RecordBatch;
+use arrow::datatypes::{DataType, Field};
 use image::{ImageBuffer, Luma};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -94,36 +92,14 @@ pub fn encode_depth(depth: &[u16], w: u32, h: u32) -> Result<Vec<u8>> {
 
 /// Write a dense dataset: (image bytes, path, mask PNG, depth PNG) per row.
 pub fn write_dense_set(path: &Path, spec: &DenseSpec, rows: &[(Vec<u8>, String, Option<Vec<u8>>, Option<Vec<u8>>)]) -> Result<()> {
-    let img_fields = Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
-    let fields = vec![
-        Field::new("image", DataType::Struct(img_fields.clone()), false),
-        Field::new("mask", DataType::Binary, true),
-        Field::new("depth", DataType::Binary, true),
-    ];
+    let (image, column) = super::eval::image_column(rows.iter().map(|r| (r.0.as_slice(), r.1.as_str())))?;
+    let fields = vec![image, Field::new("mask", DataType::Binary, true), Field::new("depth", DataType::Binary, true)];
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(
-            StructArray::try_new(
-                img_fields,
-                vec![
-                    Arc::new(rows.iter().map(|r| Some(r.0.as_slice())).collect::<BinaryArray>()),
-                    Arc::new(rows.iter().map(|r| Some(r.1.as_str())).collect::<StringArray>()),
-                ],
-                None,
-            )
-            .map_err(|e| Error::data("dense image column", e))?,
-        ),
+        column,
         Arc::new(rows.iter().map(|r| r.2.as_deref()).collect::<BinaryArray>()),
         Arc::new(rows.iter().map(|r| r.3.as_deref()).collect::<BinaryArray>()),
     ];
-    let meta = std::collections::HashMap::from([("recap.dense".to_string(), serde_json::to_string(spec).expect("spec serialises"))]);
-    let schema = Arc::new(Schema::new_with_metadata(fields, meta));
-    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("dense set", e))?;
-    let tmp = path.with_extension("parquet.tmp");
-    let f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-    let mut w = ArrowWriter::try_new(f, schema, None).map_err(|e| Error::data("dense set writer", e))?;
-    w.write(&batch).map_err(|e| Error::data("writing dense set", e))?;
-    w.close().map_err(|e| Error::data("closing dense set", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot move into place", path, e))
+    super::eval::write_labelled(path, "recap.dense", spec, fields, cols)
 }
 
 impl DenseSet {
@@ -132,13 +108,7 @@ impl DenseSet {
     pub fn open(path: &Path) -> Result<DenseSet> {
         let file = File::open(path).map_err(|e| Error::io("cannot open dense dataset", path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(path, format!("not a readable Parquet file: {e}")))?;
-        let kv = b.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
-        let raw = b
-            .schema()
-            .metadata()
-            .get("recap.dense")
-            .cloned()
-            .or_else(|| kv.iter().find(|k| k.key == "recap.dense").and_then(|k| k.value.clone()))
+        let raw = super::eval::file_metadata(&b, "recap.dense")
             .ok_or_else(|| bad(path, "has no recap.dense metadata; expected a dense dataset as `recap synth` or tools/dense_from_folders.py writes it"))?;
         let spec: DenseSpec = serde_json::from_str(&raw).map_err(|e| bad(path, format!("recap.dense metadata is not valid: {e}")))?;
         if spec.classes.is_empty() {

@@ -66,17 +66,50 @@ fn bad(path: &Path, m: impl Into<String>) -> Error {
     Error::input(path, m.into())
 }
 
+/// A recap metadata entry (`recap.eval`, `recap.dense`) of a Parquet file: in the Arrow schema's
+/// metadata (where recap and pyarrow write it) or else in the footer's key-value metadata.
+pub(crate) fn file_metadata(b: &ParquetRecordBatchReaderBuilder<File>, key: &str) -> Option<String> {
+    b.schema().metadata().get(key).cloned().or_else(|| {
+        let kv = b.metadata().file_metadata().key_value_metadata()?;
+        kv.iter().find(|k| k.key == key).and_then(|k| k.value.clone())
+    })
+}
+
+/// The `image` column of evaluation and dense sets: struct {bytes, path}.
+pub(crate) fn image_column<'a>(images: impl Iterator<Item = (&'a [u8], &'a str)> + Clone) -> Result<(Field, ArrayRef)> {
+    let fields = Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
+    let column = StructArray::try_new(
+        fields.clone(),
+        vec![
+            Arc::new(images.clone().map(|(b, _)| Some(b)).collect::<BinaryArray>()),
+            Arc::new(images.map(|(_, p)| Some(p)).collect::<StringArray>()),
+        ],
+        None,
+    )
+    .map_err(|e| Error::data("image column", e))?;
+    Ok((Field::new("image", DataType::Struct(fields), false), Arc::new(column)))
+}
+
+/// Write one batch with `key` = `spec` (JSON) in the Arrow schema's metadata, which the writer also
+/// puts in the file's key-value metadata (pyarrow shows it as `schema.metadata`, other readers
+/// find it in the footer); written to a temporary name and renamed into place.
+pub(crate) fn write_labelled(path: &Path, key: &str, spec: &impl Serialize, fields: Vec<Field>, cols: Vec<ArrayRef>) -> Result<()> {
+    let meta = std::collections::HashMap::from([(key.to_string(), serde_json::to_string(spec).expect("spec serialises"))]);
+    let schema = Arc::new(Schema::new_with_metadata(fields, meta));
+    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data(key.to_string(), e))?;
+    let tmp = path.with_extension("parquet.tmp");
+    let f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    let mut w = ArrowWriter::try_new(f, schema, Some(WriterProperties::builder().build())).map_err(|e| Error::data(format!("{key} writer"), e))?;
+    w.write(&batch).map_err(|e| Error::data(format!("writing {}", path.display()), e))?;
+    w.close().map_err(|e| Error::data(format!("closing {}", path.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot move into place", path, e))
+}
+
 impl EvalSet {
     pub fn open(path: &Path) -> Result<EvalSet> {
         let file = File::open(path).map_err(|e| Error::io("cannot open evaluation set", path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(path, format!("not a readable Parquet file: {e}")))?;
-        let meta = b.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
-        let raw = b
-            .schema()
-            .metadata()
-            .get("recap.eval")
-            .cloned()
-            .or_else(|| meta.iter().find(|kv| kv.key == "recap.eval").and_then(|kv| kv.value.clone()))
+        let raw = file_metadata(&b, "recap.eval")
             .ok_or_else(|| bad(path, "has no recap.eval metadata; expected an evaluation set as `recap synth` or tools/eval_from_folders.py writes it (see README: Evaluation sets)"))?;
         let spec: EvalSpec = serde_json::from_str(&raw).map_err(|e| bad(path, format!("recap.eval metadata is not valid: {e}")))?;
         let schema = b.schema().clone();
@@ -137,19 +170,9 @@ impl EvalSet {
 
 /// Write an evaluation set: images (encoded bytes, path), per-task labels, optional captions.
 pub fn write_eval_set(path: &Path, spec: &EvalSpec, images: &[(Vec<u8>, String)], labels: &[Vec<Option<u32>>], captions: Option<&[Option<String>]>) -> Result<()> {
-    let img_fields = Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
-    let mut fields = vec![Field::new("image", DataType::Struct(img_fields.clone()), false)];
-    let mut cols: Vec<ArrayRef> = vec![Arc::new(
-        StructArray::try_new(
-            img_fields,
-            vec![
-                Arc::new(images.iter().map(|(b, _)| Some(b.as_slice())).collect::<BinaryArray>()),
-                Arc::new(images.iter().map(|(_, p)| Some(p.as_str())).collect::<StringArray>()),
-            ],
-            None,
-        )
-        .map_err(|e| Error::data("eval image column", e))?,
-    )];
+    let (image, column) = image_column(images.iter().map(|(b, p)| (b.as_slice(), p.as_str())))?;
+    let mut fields = vec![image];
+    let mut cols: Vec<ArrayRef> = vec![column];
     for (t, l) in spec.tasks.iter().zip(labels) {
         fields.push(Field::new(&t.name, DataType::Int32, true));
         cols.push(Arc::new(l.iter().map(|v| v.map(|x| x as i32)).collect::<Int32Array>()));
@@ -158,18 +181,7 @@ pub fn write_eval_set(path: &Path, spec: &EvalSpec, images: &[(Vec<u8>, String)]
         fields.push(Field::new(name, DataType::Utf8, true));
         cols.push(Arc::new(c.iter().map(|v| v.as_deref()).collect::<StringArray>()));
     }
-    // In the Arrow schema's metadata, which the writer also puts in the file's key-value metadata:
-    // pyarrow shows it as `schema.metadata`, other readers in the footer.
-    let meta = std::collections::HashMap::from([("recap.eval".to_string(), serde_json::to_string(spec).expect("spec serialises"))]);
-    let schema = Arc::new(Schema::new_with_metadata(fields, meta));
-    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("eval set", e))?;
-    let props = WriterProperties::builder().build();
-    let tmp = path.with_extension("parquet.tmp");
-    let f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-    let mut w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| Error::data("eval set writer", e))?;
-    w.write(&batch).map_err(|e| Error::data("writing eval set", e))?;
-    w.close().map_err(|e| Error::data("closing eval set", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot move into place", path, e))
+    write_labelled(path, "recap.eval", spec, fields, cols)
 }
 
 /// Something that embeds images and texts into one space (L2-normalised rows).
@@ -362,6 +374,24 @@ fn rank_of(scores: &[f32], target: usize) -> usize {
     scores.iter().enumerate().filter(|(j, x)| *j != target && **x >= s).count()
 }
 
+/// Zero-shot classifier weights, as CLIP makes them: per class, its prompts (each template filled
+/// with the class name) embedded, averaged, and normalised again.
+pub fn class_embeddings(model: &mut dyn Embedder, classes: &[String], templates: &[String]) -> Result<Vec<Vec<f32>>> {
+    classes
+        .iter()
+        .map(|c| {
+            let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", c)).collect();
+            let e = model.embed_texts(&prompts)?;
+            let mut mean = vec![0f32; e[0].len()];
+            for row in &e {
+                mean.iter_mut().zip(row).for_each(|(m, x)| *m += x / e.len() as f32);
+            }
+            normalise(&mut mean);
+            Ok(mean)
+        })
+        .collect()
+}
+
 /// Evaluate a model on a set, `batch` images at a time.
 pub fn evaluate(model: &mut dyn Embedder, set: &EvalSet, batch: usize) -> Result<EvalReport> {
     let mut img_emb: Vec<Vec<f32>> = Vec::with_capacity(set.images.len());
@@ -377,18 +407,7 @@ pub fn evaluate(model: &mut dyn Embedder, set: &EvalSet, batch: usize) -> Result
     }
     let mut zero_shot = BTreeMap::new();
     for (k, t) in set.spec.tasks.iter().enumerate() {
-        // Classifier weights: per class, the mean of its normalised prompt embeddings.
-        let mut classifiers = Vec::with_capacity(t.classes.len());
-        for c in &t.classes {
-            let prompts: Vec<String> = t.templates.iter().map(|tpl| tpl.replace("{}", c)).collect();
-            let e = model.embed_texts(&prompts)?;
-            let mut mean = vec![0f32; e[0].len()];
-            for row in &e {
-                mean.iter_mut().zip(row).for_each(|(m, x)| *m += x / e.len() as f32);
-            }
-            normalise(&mut mean);
-            classifiers.push(mean);
-        }
+        let classifiers = class_embeddings(model, &t.classes, &t.templates)?;
         let (mut hits, mut n) = (0usize, 0usize);
         let mut per = vec![(0usize, 0usize); t.classes.len()];
         for (i, label) in set.labels[k].iter().enumerate() {
@@ -476,21 +495,10 @@ pub fn evaluate_dense_zero_shot(path: &Path, set: &super::dense::DenseSet, templ
     if !(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file()) {
         return Err(Error::model(path, "dense evaluation reads the model's layers: expected a recap student or a Hugging Face CLIP directory (model.safetensors + config.json)"));
     }
-    let m = StudentModel::load(&dir)?;
+    let mut m = StudentModel::load(&dir)?;
     let s = m.clip.shape.vision.image_size;
     let grid = s / m.clip.shape.vision.patch_size;
-    // Class classifiers: prompt embeddings averaged, as zero-shot classification does.
-    let mut classifiers = Vec::new();
-    for c in &set.spec.classes {
-        let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", c)).collect();
-        let e = student_texts(&m.clip, &m.tokenizer, &prompts)?;
-        let mut mean = vec![0f32; e[0].len()];
-        for row in &e {
-            mean.iter_mut().zip(row).for_each(|(a, x)| *a += x / e.len() as f32);
-        }
-        normalise(&mut mean);
-        classifiers.extend(mean);
-    }
+    let classifiers: Vec<f32> = class_embeddings(&mut m, &set.spec.classes, templates)?.concat();
     let nc = set.spec.classes.len();
     let e = m.clip.shape.embed_dim;
     let cls = Tensor::from_vec(classifiers, (nc, e), &Device::Cpu).map_err(ce("classifiers"))?;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var, D};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -598,15 +598,10 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<Finetune
     // The label budget: a seeded subset.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0xB0D6E7);
     let mut order: Vec<usize> = (0..labelled.len()).collect();
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.random_range(0..=i));
-    }
+    super::data::shuffle(&mut rng, &mut order);
     let keep = ((labelled.len() as f64 * cfg.data.fraction).round() as usize).clamp(1, labelled.len());
     let subset: Vec<&DenseRow> = order[..keep].iter().map(|&i| labelled[i]).collect();
-    if cfg.train.threads > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", cfg.train.threads.to_string());
-    }
-    super::keep_freed_memory();
+    super::prepare_cpu(cfg.train.threads);
     let mut ft = Finetuner::new(student, cfg, &train.spec)?;
     if cfg.task == DenseTask::Depth {
         // Start the head at the training set's mean log-depth: the scale-invariant loss learns
@@ -632,9 +627,7 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<Finetune
         while rows.len() < bs.min(subset.len()) {
             if cursor >= epoch_order.len() {
                 epoch_order = (0..subset.len()).collect();
-                for i in (1..epoch_order.len()).rev() {
-                    epoch_order.swap(i, rng.random_range(0..=i));
-                }
+                super::data::shuffle(&mut rng, &mut epoch_order);
                 cursor = 0;
             }
             rows.push(subset[epoch_order[cursor]]);

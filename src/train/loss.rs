@@ -16,16 +16,15 @@ fn diagonal_ce(logits: &Tensor) -> Result<Tensor> {
     (lsm * eye).and_then(|t| t.sum_all()).and_then(|t| t.affine(-1.0 / n as f64, 0.0)).map_err(ce("cross-entropy"))
 }
 
-/// CLIP's loss: `scale · img · txtᵀ`, cross-entropy against the matching pair, averaged over
-/// image→text and text→image. `img`, `txt`: [B, E], L2-normalised; `scale`: a scalar tensor.
-pub fn contrastive(img: &Tensor, txt: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let logits = student_logits(img, txt, scale)?;
-    let a = diagonal_ce(&logits)?;
+/// CLIP's loss on the student's logits ([`student_logits`]: rows images, columns texts):
+/// cross-entropy against the matching pair, averaged over image→text and text→image.
+pub fn contrastive(logits: &Tensor) -> Result<Tensor> {
+    let a = diagonal_ce(logits)?;
     let b = diagonal_ce(&logits.t().map_err(ce("t"))?)?;
     ((a + b).map_err(ce("sum"))? * 0.5).map_err(ce("mean"))
 }
 
-/// `scale · img · txtᵀ`, [B, B].
+/// `scale · img · txtᵀ`, [B, B]; `img`, `txt`: [B, E], L2-normalised; `scale`: a scalar tensor.
 pub fn student_logits(img: &Tensor, txt: &Tensor, scale: &Tensor) -> Result<Tensor> {
     img.matmul(&txt.t().map_err(ce("t"))?).and_then(|l| l.broadcast_mul(scale)).map_err(ce("logits"))
 }
@@ -109,9 +108,9 @@ mod tests {
         let img = crate::train::model::l2_normalize(&t(&IMG)).unwrap();
         let txt = crate::train::model::l2_normalize(&t(&TXT)).unwrap();
         let scale = Tensor::new(3f32, &Device::Cpu).unwrap();
-        let c: f32 = contrastive(&img, &txt, &scale).unwrap().to_scalar().unwrap();
-        let targets = teacher_targets(&t(&TI), &t(&TT), &[(0, 2), (2, 2)], &[70.0, 60.0]).unwrap();
         let logits = student_logits(&img, &txt, &scale).unwrap();
+        let c: f32 = contrastive(&logits).unwrap().to_scalar().unwrap();
+        let targets = teacher_targets(&t(&TI), &t(&TT), &[(0, 2), (2, 2)], &[70.0, 60.0]).unwrap();
         let d: f32 = distillation(&logits, &targets).unwrap().to_scalar().unwrap();
         assert!((c - REF_CONTRASTIVE).abs() < 1e-4, "contrastive {c} vs {REF_CONTRASTIVE}");
         assert!((d - REF_DISTILL).abs() < 1e-4, "distillation {d} vs {REF_DISTILL}");

@@ -330,29 +330,30 @@ impl Trainer {
         let slices = &self.spec.slices;
         let groups = n_txt / b.size.max(1);
         let mut total: Option<Tensor> = None;
+        let mut add = |term: Tensor, weight: f64| -> Result<()> {
+            let term = (term * weight).map_err(ce("weight"))?;
+            total = Some(match total.take() {
+                None => term,
+                Some(t) => (t + term).map_err(ce("sum"))?,
+            });
+            Ok(())
+        };
         let (mut c_sum, mut d_sum) = (0f32, 0f32);
         for g in 0..groups {
             let txt_g = txt.narrow(0, g * b.size, b.size).map_err(ce("caption batch"))?;
+            // One logits matrix serves both terms.
             let logits = loss::student_logits(&img, &txt_g, &scale)?;
             if l.contrastive_weight > 0.0 {
-                let c = loss::contrastive(&img, &txt_g, &scale)?;
+                let c = loss::contrastive(&logits)?;
                 c_sum += c.to_scalar::<f32>().map_err(ce("loss"))?;
-                let c = (c * l.contrastive_weight).map_err(ce("weight"))?;
-                total = Some(match total {
-                    None => c,
-                    Some(t) => (t + c).map_err(ce("sum"))?,
-                });
+                add(c, l.contrastive_weight)?;
             }
             if l.distill_weight > 0.0 {
                 let tt = t_txt.narrow(0, g * b.size, b.size).map_err(ce("teacher texts"))?;
                 let targets = loss::teacher_targets(&t_img, &tt, slices, &self.spec.teacher_scales)?;
                 let d = loss::distillation(&logits, &targets)?;
                 d_sum += d.to_scalar::<f32>().map_err(ce("loss"))?;
-                let d = (d * l.distill_weight).map_err(ce("weight"))?;
-                total = Some(match total {
-                    None => d,
-                    Some(t) => (t + d).map_err(ce("sum"))?,
-                });
+                add(d, l.distill_weight)?;
             }
         }
         Ok(StepLoss { total: total.ok_or_else(|| Error::Internal("no loss term".into()))?, contrastive: c_sum, distill: d_sum })
@@ -493,12 +494,8 @@ fn eval_batches(set: &Arc<ShardSet>, prep: &Prep, n: usize, bs: usize) -> Result
 pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
     let cfg = plan.config.clone();
     let out = PathBuf::from(&cfg.output.dir);
-    if cfg.train.threads > 0 {
-        // candle's CPU kernels size their thread pool from this variable (read per call).
-        std::env::set_var("RAYON_NUM_THREADS", cfg.train.threads.to_string());
-    }
     let device = train_device(&cfg.train.device)?;
-    keep_freed_memory();
+    prepare_cpu(cfg.train.threads);
     let existing = checkpoints(&out);
     let (clip, state) = match existing.last() {
         Some((step, dir)) if opts.resume => {
@@ -704,6 +701,15 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
     let sp = out.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("summary serialises")).map_err(|e| Error::io("cannot write", &sp, e))?;
     Ok(summary)
+}
+
+/// Set up the CPU for a training loop: `threads` (> 0) for candle's kernels, which size their
+/// pool from RAYON_NUM_THREADS on every call, and freed memory kept ([`keep_freed_memory`]).
+pub(crate) fn prepare_cpu(threads: u32) {
+    if threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    keep_freed_memory();
 }
 
 /// A training step frees and reallocates the same large tensor buffers every step: tell mimalloc

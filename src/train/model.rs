@@ -446,7 +446,7 @@ impl Clip {
         let rows = x.elem_count() / d_in;
         let y = x.reshape((rows, d_in)).and_then(|x| x.matmul(&w.t()?)).map_err(f)?;
         let y = match b {
-            Some(b) => bias_act(&y, &b, None)?,
+            Some(b) => y.broadcast_add(&b).map_err(ce("bias"))?,
             None => y,
         };
         let mut out = dims;
@@ -507,19 +507,6 @@ fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     }
 }
 
-/// act(x + b): the fused op on CPU, candle's ops elsewhere.
-fn bias_act(x: &Tensor, b: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        return super::ops::bias_act(x, b, act).map_err(ce("bias"));
-    }
-    let h = x.broadcast_add(b).map_err(ce("bias"))?;
-    match act {
-        None => Ok(h),
-        Some(Activation::QuickGelu) => (&h * candle_nn::ops::sigmoid(&(&h * 1.702).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu"))?).map_err(ce("quick_gelu")),
-        Some(Activation::Gelu) => h.gelu_erf().map_err(ce("gelu")),
-    }
-}
-
 /// (x − mean) / sqrt(var + ε) · γ + β over the last dimension: the fused op on CPU, the
 /// composed ops elsewhere.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
@@ -568,7 +555,7 @@ mod tests {
         let ids = Tensor::from_vec(vec![1u32, 5, 6, 3, 1, 7, 3, 0, 1, 9, 10, 3, 1, 3, 0, 0], (4, 4), &dev).unwrap();
         let img = l2_normalize(&clip.encode_image(&px).unwrap()).unwrap();
         let txt = l2_normalize(&clip.encode_text(&ids, &[3, 2, 3, 1]).unwrap()).unwrap();
-        let loss = crate::train::loss::contrastive(&img, &txt, &clip.logit_scale().unwrap()).unwrap();
+        let loss = crate::train::loss::contrastive(&crate::train::loss::student_logits(&img, &txt, &clip.logit_scale().unwrap()).unwrap()).unwrap();
         let grads = loss.backward().unwrap();
         for (name, v) in &clip.params.vars {
             let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));

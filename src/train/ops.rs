@@ -4,15 +4,16 @@
 //! fresh zeroed gradient buffer to add into; on CPU that bookkeeping, the copies of transposes
 //! and the strided reductions behind broadcasts cost several times the maths itself (measured:
 //! a tiny-preset step took 7× PyTorch's). Each op here replaces a chain of them with one forward
-//! and one backward written out: layer norm, bias + activation, and the whole attention core
-//! (scores, causal mask, softmax, weighted sum; recomputed in the backward, as FlashAttention
-//! does, so nothing is stored). Every op is checked against the composed candle ops it replaces
-//! (values and gradients) in the tests below, and the composed ops stay the path off the CPU.
+//! and one backward written out: linear (x Wᵀ + b), layer norm, quick_gelu, the whole attention
+//! core (scores, causal mask, softmax, weighted sum; its probabilities kept for the backward when
+//! small, else recomputed there as FlashAttention does), and for dense heads a 3×3 convolution as
+//! patches × weights and a per-pixel cross-entropy. Every op is checked against the composed
+//! candle ops it replaces (values and gradients) in the tests below, and the composed ops stay
+//! the path off the CPU.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::model::Activation;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -137,84 +138,15 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResul
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bias add, with an optional activation: y = act(x + b), x [.., d], b [d].
+// quick_gelu, x·σ(1.702x): its value and derivative.
 
-struct BiasAct {
-    act: Option<Activation>,
+fn quick_gelu_fwd(v: f32) -> f32 {
+    v / (1.0 + (-1.702 * v).exp())
 }
 
-fn act_fwd(act: Option<Activation>, v: f32) -> f32 {
-    match act {
-        Some(Activation::QuickGelu) => v / (1.0 + (-1.702 * v).exp()),
-        _ => v,
-    }
-}
-
-fn act_grad(act: Option<Activation>, v: f32) -> f32 {
-    match act {
-        Some(Activation::QuickGelu) => {
-            let s = 1.0 / (1.0 + (-1.702 * v).exp());
-            s + 1.702 * v * s * (1.0 - s)
-        }
-        _ => 1.0,
-    }
-}
-
-impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        "recap-bias-act"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "bias input")?;
-        let b = contiguous(s2, l2, "bias")?;
-        let d = b.len();
-        let mut y = vec![0f32; x.len()];
-        let act = self.act;
-        y.par_chunks_mut(d * chunk_rows(d)).zip(x.par_chunks(d * chunk_rows(d))).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                for i in 0..d {
-                    yr[i] = act_fwd(act, xr[i] + b[i]);
-                }
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let d = b.elem_count();
-        let bv = b.flatten_all()?.to_vec1::<f32>()?;
-        let act = self.act;
-        let (dx, db) = with_data(dy, |dyv| {
-            let cr = chunk_rows(d);
-            let dpre: Vec<f32> = match act {
-                None => dyv.to_vec(),
-                Some(_) => with_data(x, |xv| {
-                    let mut out = vec![0f32; xv.len()];
-                    out.par_chunks_mut(d * cr).zip(xv.par_chunks(d * cr)).zip(dyv.par_chunks(d * cr)).for_each(|((oc, xc), gc)| {
-                        for ((or, xr), gr) in oc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                            for i in 0..d {
-                                or[i] = gr[i] * act_grad(act, xr[i] + bv[i]);
-                            }
-                        }
-                    });
-                    Ok(out)
-                })?,
-            };
-            let db = col_sums(&dpre, d);
-            Ok((dpre, db))
-        })?;
-        Ok((Some(tensor(dx, x.shape(), x)?), Some(tensor(db, b.shape(), b)?)))
-    }
-}
-
-/// act(x + b) with b broadcast over the last dimension; `gelu` (exact) is applied after the
-/// fused bias by candle's own op.
-pub fn bias_act(x: &Tensor, b: &Tensor, act: Option<Activation>) -> CResult<Tensor> {
-    match act {
-        Some(Activation::Gelu) => x.contiguous()?.apply_op2(b, BiasAct { act: None })?.gelu_erf(),
-        _ => x.contiguous()?.apply_op2(b, BiasAct { act }),
-    }
+fn quick_gelu_grad(v: f32) -> f32 {
+    let s = 1.0 / (1.0 + (-1.702 * v).exp());
+    s + 1.702 * v * s * (1.0 - s)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,7 +239,7 @@ impl candle_core::CustomOp1 for QuickGelu {
         let x = contiguous(s, l, "quick_gelu input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(yc, xc)| {
-            yc.iter_mut().zip(xc).for_each(|(y, x)| *y = act_fwd(Some(Activation::QuickGelu), *x));
+            yc.iter_mut().zip(xc).for_each(|(y, x)| *y = quick_gelu_fwd(*x));
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -318,7 +250,7 @@ impl candle_core::CustomOp1 for QuickGelu {
                 let mut dx = vec![0f32; xv.len()];
                 dx.par_chunks_mut(16384).zip(xv.par_chunks(16384)).zip(gv.par_chunks(16384)).for_each(|((dc, xc), gc)| {
                     for ((d, x), g) in dc.iter_mut().zip(xc).zip(gc) {
-                        *d = g * act_grad(Some(Activation::QuickGelu), *x);
+                        *d = g * quick_gelu_grad(*x);
                     }
                 });
                 Ok(dx)
@@ -785,22 +717,6 @@ mod tests {
     fn layer_norm_matches_the_composed_ops() {
         let (x, g, b) = (var(&[3, 5, 16], 1), var(&[16], 2), var(&[16], 3));
         check(&[&x, &g, &b], || layer_norm(&x, &g, &b, 1e-5).unwrap(), &|| super::super::model::layer_norm_composed(&x, &g, &b).unwrap(), "layer norm");
-    }
-
-    #[test]
-    fn bias_and_activations_match_the_composed_ops() {
-        let (x, b) = (var(&[4, 7, 12], 4), var(&[12], 5));
-        for act in [None, Some(Activation::QuickGelu), Some(Activation::Gelu)] {
-            let composed = || {
-                let h = x.broadcast_add(&b).unwrap();
-                match act {
-                    None => h,
-                    Some(Activation::QuickGelu) => (&h * candle_nn::ops::sigmoid(&(&h * 1.702).unwrap()).unwrap()).unwrap(),
-                    Some(Activation::Gelu) => h.gelu_erf().unwrap(),
-                }
-            };
-            check(&[&x, &b], || bias_act(&x, &b, act).unwrap(), &composed, &format!("bias {act:?}"));
-        }
     }
 
     #[test]
