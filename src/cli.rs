@@ -393,7 +393,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     } else {
                         format!(", zero-shot top-1 {}", s.last_zero_shot.iter().map(|(k, v)| format!("{k} {v:.3}")).collect::<Vec<_>>().join(" "))
                     },
-                if s.samples_skipped > 0 { format!(", {} samples skipped (see RECAP_LOG=warn)", s.samples_skipped) } else { String::new() },
+                if s.samples_skipped > 0 { format!(", {} samples skipped (see RECAP_LOG=warn)", s.samples_skipped) } else { String::new() }
+                    + &s.filter.as_ref().map(|f| format!("\nCLIP-score filter: {} of {} ok rows have clip_score >= {:.4}", f.kept_rows, f.ok_rows, f.min_clip_score)).unwrap_or_default(),
                 s.model_dir
             )
         }

@@ -320,3 +320,44 @@ fn a_student_of_the_teachers_shape_inherits_it_exactly() {
     let e = plan(&f.reinforced, out.path(), 1, &["model.vision.image_size=96", &format!("model.init_from={}", teacher.display())]).err().unwrap().to_string();
     assert!(e.contains("model.init_from") && e.contains("position embeddings"), "{e}");
 }
+
+#[test]
+fn the_clip_score_filter_trains_on_the_top_rows_only() {
+    use arrow::array::{Array, Float32Array, StringArray};
+    let f = fixture();
+    let out = tempfile::tempdir().unwrap();
+    // What the shards hold: the uid and clip_score of every ok row.
+    let mut scored = Vec::new();
+    for file in ["00000.parquet", "00001.parquet"] {
+        let (b, _) = recap::sink::read_shard(&f.reinforced.join(file)).unwrap();
+        let status = b.column_by_name("status").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let uid = b.column_by_name("uid").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let score = b.column_by_name("clip_score").unwrap().as_any().downcast_ref::<Float32Array>().unwrap();
+        for i in 0..b.num_rows() {
+            if status.value(i) == "ok" && !score.is_null(i) {
+                scored.push((uid.value(i).to_string(), score.value(i)));
+            }
+        }
+    }
+    assert!(scored.len() >= 20, "{}", scored.len());
+    let p = plan(&f.reinforced, out.path(), 2, &["data.clip_score_top_fraction=0.3"]).unwrap();
+    let filter = p.filter.clone().unwrap();
+    let want = (scored.len() as f64 * 0.3).ceil() as u64;
+    assert_eq!(filter.kept_rows, want, "{filter:?}");
+    let mut sorted: Vec<f32> = scored.iter().map(|s| s.1).collect();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    assert_eq!(filter.min_clip_score, sorted[want as usize - 1]);
+    // The stream yields exactly the kept rows, each once per epoch.
+    let kept: std::collections::BTreeSet<String> = scored.iter().filter(|s| s.1 >= filter.min_clip_score).map(|s| s.0.clone()).collect();
+    let mut stream = data::EpochStream::new(p.shards.clone(), 0, 0, 4);
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(r) = stream.next_row().unwrap() {
+        assert!(seen.insert(r.uid.clone()), "{} twice", r.uid);
+    }
+    assert_eq!(seen, kept);
+    let s = train::run(p, &Default::default()).unwrap();
+    assert_eq!(s.filter.unwrap().kept_rows, want);
+    // A threshold nobody passes is refused at its key.
+    let e = plan(&f.reinforced, out.path(), 2, &["data.min_clip_score=1.5"]).err().unwrap().to_string();
+    assert!(e.contains("data.min_clip_score") && e.contains("keeps none of the"), "{e}");
+}

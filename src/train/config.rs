@@ -67,6 +67,16 @@ pub struct DataConfig {
     pub synthetic_prob: f64,
     #[serde(default = "default_views")]
     pub views: ViewChoice,
+    /// DataComp's CLIP-score filter: train only on rows whose `clip_score` (the teachers' mean
+    /// cosine of the image and its alt-text) is at least this. Rows without an alt-text are
+    /// skipped while a filter is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_clip_score: Option<f64>,
+    /// DataComp's CLIP-score filter by rank: keep this share of the ok rows with the highest
+    /// `clip_score` (DataComp's best: 0.3). With `min_clip_score` too, the stricter applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub clip_score_top_fraction: Option<f64>,
     /// The widths of the shards' teachers, in `recap.teachers` order, when the run depends on
     /// them (e.g. 768 768 for two ViT-L/14): shards scored by other teachers are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -49,6 +49,10 @@ pub struct ShardSet {
     pub synthetic: bool,
     /// What `--set data.shards=...` named, for messages.
     pub spec: String,
+    /// Train only on rows whose `clip_score` (the teachers' mean cosine of the original view and
+    /// the alt-text) is at least this (DataComp's CLIP-score filter); rows without a score are
+    /// then skipped too.
+    pub min_clip_score: Option<f32>,
 }
 
 fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -109,7 +113,7 @@ impl ShardSet {
         };
         let (teachers, synthetic) = inspect(first)?;
         let dim = teachers.iter().map(|t| t.dim).sum();
-        Ok(ShardSet { files, teachers, dim, synthetic, spec: spec.to_string() })
+        Ok(ShardSet { files, teachers, dim, synthetic, spec: spec.to_string(), min_clip_score: None })
     }
 
     /// (offset, width) of each teacher's slice of an embedding row.
@@ -125,17 +129,44 @@ impl ShardSet {
             .collect()
     }
 
-    /// Number of ok rows, from the `status` column alone (for `train.epochs`).
+    /// Number of rows training uses: ok, and past the CLIP-score filter when there is one (for
+    /// `train.epochs`).
     pub fn count_ok(&self) -> Result<u64> {
-        let mut n = 0;
+        let min = self.min_clip_score;
+        Ok(self.ok_scores()?.iter().filter(|s| min.is_none_or(|m| s.is_some_and(|s| s >= m))).count() as u64)
+    }
+
+    /// The `clip_score` of every ok row (None where the row has no alt-text, or the shards no
+    /// `clip_score` column and no filter asks for it).
+    pub fn ok_scores(&self) -> Result<Vec<Option<f32>>> {
+        let mut out = Vec::new();
         for f in &self.files {
-            for b in read_columns(f, &["status"], 8192)? {
+            let cols: &[&str] = if self.min_clip_score.is_some() { &["status", "clip_score"] } else { &["status"] };
+            for b in read_columns(f, cols, 8192)? {
                 let b = b?;
-                let s = b.column(0).as_any().downcast_ref::<StringArray>().ok_or_else(|| data_err(f, "status is not a string column"))?;
-                n += s.iter().filter(|v| *v == Some("ok")).count() as u64;
+                let s = col::<StringArray>(&b, "status", f)?;
+                let scores = if cols.len() == 2 { Some(col::<Float32Array>(&b, "clip_score", f)?) } else { None };
+                for i in 0..b.num_rows() {
+                    if !s.is_null(i) && s.value(i) == "ok" {
+                        out.push(scores.and_then(|c| (!c.is_null(i)).then(|| c.value(i))));
+                    }
+                }
             }
         }
-        Ok(n)
+        Ok(out)
+    }
+
+    /// The `clip_score` above which `fraction` of the ok rows with an alt-text lie (DataComp's
+    /// "top 30%" is 0.3), and how many rows have a score.
+    pub fn score_quantile(&self, fraction: f64) -> Result<(f32, usize)> {
+        let probe = ShardSet { min_clip_score: Some(f32::NEG_INFINITY), ..self.clone() };
+        let mut scores: Vec<f32> = probe.ok_scores()?.into_iter().flatten().collect();
+        if scores.is_empty() {
+            return Err(Error::input(Path::new(&self.spec), "has no ok rows with a clip_score (no alt-text, or no score stage) to filter on"));
+        }
+        scores.sort_by(|a, b| b.total_cmp(a));
+        let keep = ((scores.len() as f64 * fraction).ceil() as usize).clamp(1, scores.len());
+        Ok((scores[keep - 1], scores.len()))
     }
 }
 
@@ -217,8 +248,12 @@ fn views_of(list: &ListArray, i: usize, path: &Path) -> Result<Vec<ViewParams>> 
 }
 
 /// The ok rows of one record batch.
-fn rows_of(b: &RecordBatch, path: &Arc<PathBuf>, dim: usize, synthetic: bool) -> Result<Vec<Row>> {
+fn rows_of(b: &RecordBatch, path: &Arc<PathBuf>, dim: usize, synthetic: bool, min_score: Option<f32>) -> Result<Vec<Row>> {
     let p = path.as_path();
+    let scores = match min_score {
+        Some(_) => Some(col::<Float32Array>(b, "clip_score", p)?),
+        None => None,
+    };
     let status = col::<StringArray>(b, "status", p)?;
     let uid = col::<StringArray>(b, "uid", p)?;
     let alt = col::<StringArray>(b, "caption", p)?;
@@ -232,6 +267,11 @@ fn rows_of(b: &RecordBatch, path: &Arc<PathBuf>, dim: usize, synthetic: bool) ->
     for i in 0..b.num_rows() {
         if status.is_null(i) || status.value(i) != "ok" {
             continue;
+        }
+        if let (Some(min), Some(sc)) = (min_score, scores) {
+            if sc.is_null(i) || sc.value(i) < min {
+                continue;
+            }
         }
         if bytes.is_null(i) || ie.is_null(i) || te.is_null(i) || augs.is_null(i) {
             return Err(data_err(p, format!("row {i} has status ok but no image or no reinforcement (image_embeddings, text_embeddings, augmentations)")));
@@ -322,7 +362,7 @@ impl EpochStream {
             if let Some((path, reader)) = &mut self.reader {
                 match reader.next() {
                     Some(b) => {
-                        let rows = rows_of(&b?, path, self.set.dim, self.set.synthetic)?;
+                        let rows = rows_of(&b?, path, self.set.dim, self.set.synthetic, self.set.min_clip_score)?;
                         self.pending = rows.into_iter();
                         continue;
                     }
@@ -346,6 +386,9 @@ impl EpochStream {
             let mut cols = REQUIRED.to_vec();
             if self.set.synthetic {
                 cols.push("synthetic_captions");
+            }
+            if self.set.min_clip_score.is_some() {
+                cols.push("clip_score");
             }
             let it = read_columns(path, &cols, 256)?;
             self.reader = Some((Arc::new(path.clone()), Box::new(it)));
@@ -641,7 +684,8 @@ fn produce(set: Arc<ShardSet>, bs: usize, buf: usize, seed: u64, from: Position,
             }
             None => {
                 if index == 0 {
-                    return Err(Error::input(Path::new(&set.spec), "has no rows with status ok to train on"));
+                    let why = if set.min_clip_score.is_some() { "has no rows with status ok past the CLIP-score filter to train on" } else { "has no rows with status ok to train on" };
+                    return Err(Error::input(Path::new(&set.spec), why));
                 }
                 epoch += 1;
                 index = 0;

@@ -60,6 +60,9 @@ pub struct TrainSummary {
     /// Zero-shot top-1 per task of `data.eval_set` at the last evaluation.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub last_zero_shot: std::collections::BTreeMap<String, f64>,
+    /// The CLIP-score filter the run trained through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<ScoreFilter>,
 }
 
 /// A checkpoint's `state.json`.
@@ -88,6 +91,16 @@ pub struct TrainPlan {
     pub teacher_scales: Vec<f32>,
     pub total_steps: u64,
     pub eval_set: Option<Arc<eval::EvalSet>>,
+    /// The CLIP-score filter, when one is on: the threshold, and rows kept of the ok rows.
+    pub filter: Option<ScoreFilter>,
+}
+
+/// What the CLIP-score filter keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScoreFilter {
+    pub min_clip_score: f32,
+    pub kept_rows: u64,
+    pub ok_rows: u64,
 }
 
 /// The eos id a tokenizer appends: the last special token of an empty text's encoding.
@@ -200,7 +213,23 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
         return Err(config::config_error(label, problems));
     }
     let tokenizer = tokenizer.expect("no problems");
-    let shards = shards.expect("no problems");
+    let mut shards = shards.expect("no problems");
+    let mut filter = None;
+    if config.data.min_clip_score.is_some() || config.data.clip_score_top_fraction.is_some() {
+        let mut min = config.data.min_clip_score.map(|m| m as f32).unwrap_or(f32::NEG_INFINITY);
+        if let Some(f) = config.data.clip_score_top_fraction {
+            let (q, _) = shards.score_quantile(f).map_err(|e| config::config_error(label, vec![Problem { path: "data.clip_score_top_fraction".into(), message: e.to_string() }]))?;
+            min = min.max(q);
+        }
+        shards.min_clip_score = Some(min);
+        let ok_rows = ShardSet { min_clip_score: None, ..shards.clone() }.count_ok()?;
+        let kept_rows = shards.count_ok()?;
+        if kept_rows == 0 {
+            let path = if config.data.min_clip_score.is_some() { "data.min_clip_score" } else { "data.clip_score_top_fraction" };
+            return Err(config::config_error(label, vec![Problem { path: path.into(), message: format!("keeps none of the {ok_rows} ok rows (clip_score >= {min})") }]));
+        }
+        filter = Some(ScoreFilter { min_clip_score: min, kept_rows, ok_rows });
+    }
     let shape = config.shape(tokenizer.inner.get_vocab_size(true), eos_of(&tokenizer.inner));
     if let Some(init) = &config.model.init_from {
         let problem = match inherit::teacher_shape(init) {
@@ -229,6 +258,7 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
         teacher_scales,
         total_steps,
         eval_set,
+        filter,
         config,
     })
 }
@@ -697,6 +727,7 @@ pub fn run(plan: TrainPlan, opts: &TrainOptions) -> Result<TrainSummary> {
         model_dir: model_dir.display().to_string(),
         last_eval_loss: last_eval,
         last_zero_shot,
+        filter: plan.filter.clone(),
     };
     let sp = out.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("summary serialises")).map_err(|e| Error::io("cannot write", &sp, e))?;
