@@ -54,6 +54,9 @@ pub struct FinetuneArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Continue from the last checkpoint in output.dir (same seed, task, mode, head and fraction).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Args)]
@@ -344,8 +347,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
             let label = a.config.display().to_string();
             let text = std::fs::read_to_string(&a.config).map_err(|e| Error::io("cannot read", &a.config, e))?;
             let cfg = crate::train::finetune::parse_str(&text, &label, &a.set)?;
-            let progress = !a.no_progress;
-            let s = tokio::task::spawn_blocking(move || crate::train::finetune::run(&cfg, &label, progress)).await.map_err(|e| Error::Internal(e.to_string()))??;
+            let (progress, resume) = (!a.no_progress, a.resume);
+            let s = tokio::task::spawn_blocking(move || crate::train::finetune::run(&cfg, &label, progress, resume)).await.map_err(|e| Error::Internal(e.to_string()))??;
             out!(
                 "finetuned {} steps on {} images in {:.1}s, final loss {:.4}{}\nmodel: {}",
                 s.steps,

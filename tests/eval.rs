@@ -236,7 +236,7 @@ fn a_frozen_encoder_segmentation_head_fits_a_small_dense_set() {
             ],
         )
         .unwrap();
-        finetune::run(&cfg, "finetune-tiny.yaml", false).unwrap()
+        finetune::run(&cfg, "finetune-tiny.yaml", false, false).unwrap()
     };
     let first = run(1, "one");
     let last = run(80, "many");
@@ -249,9 +249,109 @@ fn a_frozen_encoder_segmentation_head_fits_a_small_dense_set() {
         &finetune::parse_str(&yaml, "f.yaml", &[format!("data.train={}", tmp.path().join("nope.parquet").display()), format!("student={}", root().join("models/shapeworld-clip-a").display())]).unwrap(),
         "f.yaml",
         false,
+        false,
     )
     .err()
     .unwrap()
     .to_string();
     assert!(e.contains("data.train") && e.contains("nope.parquet"), "{e}");
+}
+
+#[test]
+fn a_resumed_finetune_continues_where_it_stopped() {
+    use recap::train::finetune::{self, FinetuneConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    world(tmp.path(), 12, 5);
+    let data = tmp.path().join("dense.parquet");
+    let yaml = std::fs::read_to_string(root().join("pipelines/finetune-tiny.yaml")).unwrap();
+    let cfg = |out: &Path, extra: &[&str]| -> FinetuneConfig {
+        let mut sets = vec![
+            format!("student={}", root().join("models/shapeworld-clip-a").display()),
+            format!("data.train={}", data.display()),
+            format!("output.dir={}", out.display()),
+            "task=depth".into(),
+            "mode=full".into(),
+            "train.steps=8".into(),
+            "train.batch_size=4".into(),
+            "train.log_every=1".into(),
+            "train.checkpoint_every=4".into(),
+            "train.keep_checkpoints=5".into(),
+            "optim.warmup_steps=2".into(),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        finetune::parse_str(&yaml, "finetune-tiny.yaml", &sets).unwrap()
+    };
+    // Uninterrupted: 8 steps, checkpoints at 4 and 8.
+    let whole = tmp.path().join("whole");
+    let a = finetune::run(&cfg(&whole, &[]), "f.yaml", false, false).unwrap();
+    // Stopped after step 4: the same directory without what came later.
+    let cut = tmp.path().join("cut");
+    copy_dir(&whole, &cut);
+    std::fs::remove_dir_all(cut.join("checkpoints/step-00000008")).unwrap();
+    std::fs::remove_dir_all(cut.join("model")).unwrap();
+    // Without --resume the run is refused rather than overwritten.
+    let e = finetune::run(&cfg(&cut, &[]), "f.yaml", false, false).err().unwrap().to_string();
+    assert!(e.contains("already holds a run") && e.contains("--resume"), "{e}");
+    // Another seed would draw other batches: refused.
+    let e = finetune::run(&cfg(&cut, &["train.seed=7"]), "f.yaml", false, true).err().unwrap().to_string();
+    assert!(e.contains("seed 0") && e.contains("differs"), "{e}");
+    let b = finetune::run(&cfg(&cut, &[]), "f.yaml", false, true).unwrap();
+    assert_eq!(b.resumed_from, Some(4));
+    // The same batches and weights: the same losses after step 4, and the same final model.
+    let losses = |dir: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let (la, lb) = (losses(&whole), losses(&cut));
+    assert_eq!(la.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(la.iter().map(|x| x.0).collect::<Vec<_>>(), lb.iter().map(|x| x.0).collect::<Vec<_>>());
+    for ((s, x), (_, y)) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "step {s}: {x} vs {y}");
+    }
+    assert!((a.final_loss - b.final_loss).abs() <= 1e-4 * a.final_loss.abs().max(1.0), "{} vs {}", a.final_loss, b.final_loss);
+    let w = |dir: &Path| candle_core::safetensors::load(dir.join("model/head.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (wa, wb) = (w(&whole), w(&cut));
+    for (k, t) in &wa {
+        let d: f32 = (t - &wb[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "{k}: {d}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_student_whose_patch_grid_does_not_fit_its_images_is_refused() {
+    use recap::train::finetune;
+    let tmp = tempfile::tempdir().unwrap();
+    world(tmp.path(), 4, 3);
+    let student = tmp.path().join("student");
+    copy_dir(&root().join("models/shapeworld-clip-a"), &student);
+    let cp = student.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    let patch = c["vision_config"]["patch_size"].as_u64().unwrap();
+    c["vision_config"]["image_size"] = serde_json::json!(patch * 4 + patch / 2);
+    std::fs::write(&cp, c.to_string()).unwrap();
+    let yaml = std::fs::read_to_string(root().join("pipelines/finetune-tiny.yaml")).unwrap();
+    let cfg = finetune::parse_str(
+        &yaml,
+        "f.yaml",
+        &[format!("student={}", student.display()), format!("data.train={}", tmp.path().join("dense.parquet").display()), format!("output.dir={}", tmp.path().join("out").display())],
+    )
+    .unwrap();
+    let e = finetune::run(&cfg, "f.yaml", false, false).err().unwrap().to_string();
+    assert!(e.contains("student") && e.contains("config.json") && e.contains("patch grid does not fit"), "{e}");
 }

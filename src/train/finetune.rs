@@ -189,6 +189,21 @@ pub struct FinetuneLoop {
     /// Measure `data.eval` every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_every: u64,
+    /// Write a checkpoint (head, encoder when it trains, optimiser moments, step) every N steps
+    /// and at the end; `recap finetune --resume` continues from the last one. 0 = only at the end.
+    #[serde(default = "default_ft_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    #[serde(default = "default_keep")]
+    #[schemars(range(min = 1))]
+    pub keep_checkpoints: u32,
+}
+
+fn default_ft_checkpoint_every() -> u64 {
+    100
+}
+fn default_keep() -> u32 {
+    2
 }
 
 fn default_ft_batch() -> u32 {
@@ -203,7 +218,16 @@ fn default_log() -> u64 {
 
 impl Default for FinetuneLoop {
     fn default() -> Self {
-        FinetuneLoop { batch_size: default_ft_batch(), steps: default_ft_steps(), seed: 0, threads: 0, log_every: default_log(), eval_every: 0 }
+        FinetuneLoop {
+            batch_size: default_ft_batch(),
+            steps: default_ft_steps(),
+            seed: 0,
+            threads: 0,
+            log_every: default_log(),
+            eval_every: 0,
+            checkpoint_every: default_ft_checkpoint_every(),
+            keep_checkpoints: default_keep(),
+        }
     }
 }
 
@@ -553,6 +577,79 @@ impl Finetuner {
     }
 }
 
+/// A finetuning checkpoint's `state.json`: with the head (and, in `mode: full`, the encoder) and
+/// the optimiser moments beside it, everything `--resume` needs to continue with the same next
+/// batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FinetuneState {
+    pub step: u64,
+    pub seed: u64,
+    pub task: DenseTask,
+    pub mode: FinetuneMode,
+    pub head: HeadKind,
+    pub fraction: f64,
+    pub train_images: usize,
+    pub loss: f32,
+    pub seconds: f64,
+}
+
+impl Finetuner {
+    fn save_checkpoint(&self, out: &Path, st: &FinetuneState, keep: usize) -> Result<()> {
+        let dir = out.join("checkpoints");
+        let name = format!("step-{:08}", st.step);
+        let tmp = dir.join(format!(".tmp-{name}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+        if self.mode == FinetuneMode::Full {
+            super::write_model_dir(&self.student.clip, &self.student.dir, &tmp)?;
+        }
+        if let Some(e) = &self.enc_opt {
+            e.save(&tmp.join("encoder_optimizer.safetensors"))?;
+        }
+        let heads: std::collections::HashMap<String, Tensor> = self.head.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let hp = tmp.join("head.safetensors");
+        candle_core::safetensors::save(&heads, &hp).map_err(|e| Error::model(&hp, format!("cannot write: {e}")))?;
+        self.head_opt.save(&tmp.join("head_optimizer.safetensors"))?;
+        let sp = tmp.join("state.json");
+        std::fs::write(&sp, serde_json::to_string_pretty(st).expect("state serialises")).map_err(|e| Error::io("cannot write", &sp, e))?;
+        let fin = dir.join(&name);
+        let _ = std::fs::remove_dir_all(&fin);
+        std::fs::rename(&tmp, &fin).map_err(|e| Error::io("cannot move checkpoint into", &fin, e))?;
+        let all = super::checkpoints(out);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(())
+    }
+
+    /// Load a checkpoint's head and optimiser moments (the encoder came with the student).
+    fn restore(&mut self, dir: &Path, st: &FinetuneState) -> Result<()> {
+        let hp = dir.join("head.safetensors");
+        let t = candle_core::safetensors::load(&hp, &Device::Cpu).map_err(|e| Error::model(&hp, format!("cannot read: {e}")))?;
+        for (k, v) in &self.head.vars {
+            let x = t.get(k).ok_or_else(|| Error::model(&hp, format!("{k} is missing: the checkpoint is of another head")))?;
+            if x.dims() != v.dims() {
+                return Err(Error::model(&hp, format!("{k} has shape {:?}, expected {:?}: the checkpoint is of another head or dataset", x.dims(), v.dims())));
+            }
+            v.set(x).map_err(ce(k))?;
+        }
+        self.head_opt.load(&dir.join("head_optimizer.safetensors"), st.step)?;
+        if let Some(e) = &mut self.enc_opt {
+            e.load(&dir.join("encoder_optimizer.safetensors"), st.step)?;
+        }
+        Ok(())
+    }
+}
+
+/// The training set's order in epoch `epoch`: a pure function of the seed, so a resumed run
+/// draws the same batches.
+fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x0E90_C4 ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut v: Vec<usize> = (0..n).collect();
+    super::data::shuffle(&mut rng, &mut v);
+    v
+}
+
 /// What a finetuning run reports (also `summary.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinetuneSummary {
@@ -563,20 +660,56 @@ pub struct FinetuneSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<DenseHeadScores>,
     pub model_dir: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
-/// Run a finetuning file.
-pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<FinetuneSummary> {
+/// Run a finetuning file; `resume` continues from the output directory's last checkpoint.
+pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool, resume: bool) -> Result<FinetuneSummary> {
+    let out = PathBuf::from(&cfg.output.dir);
+    let existing = super::checkpoints(&out);
+    let resume_from = match existing.last() {
+        Some((step, dir)) if !resume => {
+            return Err(Error::Usage(format!(
+                "{} already holds a run (checkpoint at step {step}, {}); pass --resume to continue it, or choose another output.dir",
+                out.display(),
+                dir.display()
+            )))
+        }
+        Some((_, dir)) => {
+            let sp = dir.join("state.json");
+            let text = std::fs::read_to_string(&sp).map_err(|e| Error::io("cannot read", &sp, e))?;
+            let st: FinetuneState = serde_json::from_str(&text).map_err(|e| Error::model(&sp, format!("not a recap finetuning checkpoint: {e}")))?;
+            let same = (st.seed, st.task, st.mode, st.head, st.fraction) == (cfg.train.seed, cfg.task, cfg.mode, cfg.head.kind, cfg.data.fraction);
+            if !same {
+                return Err(Error::Usage(format!(
+                    "{}: the checkpoint was made with seed {}, task {:?}, mode {:?}, head {:?}, data.fraction {}; the config differs, so resuming would not continue that run",
+                    dir.display(),
+                    st.seed,
+                    st.task,
+                    st.mode,
+                    st.head,
+                    st.fraction
+                )));
+            }
+            Some((st, dir.clone()))
+        }
+        None => None,
+    };
     let mut problems = Vec::new();
     let mut add = |p: &str, e: Error| problems.push(Problem { path: p.into(), message: e.to_string() });
     let train = DenseSet::open(Path::new(&cfg.data.train)).map_err(|e| add("data.train", e)).ok();
     let eval = cfg.data.eval.as_ref().and_then(|p| DenseSet::open(Path::new(p)).map_err(|e| add("data.eval", e)).ok());
-    let student_dir = {
-        let p = PathBuf::from(&cfg.student);
-        if p.join("model").join("model.safetensors").is_file() {
-            p.join("model")
-        } else {
-            p
+    let student_dir = match &resume_from {
+        // A full finetune's encoder trains: it comes from the checkpoint.
+        Some((_, dir)) if cfg.mode == FinetuneMode::Full => dir.clone(),
+        _ => {
+            let p = PathBuf::from(&cfg.student);
+            if p.join("model").join("model.safetensors").is_file() {
+                p.join("model")
+            } else {
+                p
+            }
         }
     };
     let student = StudentModel::load(&student_dir).map_err(|e| add("student", e)).ok();
@@ -611,27 +744,37 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<Finetune
             ft.head.set_output_bias((logs.iter().sum::<f64>() / logs.len() as f64) as f32)?;
         }
     }
-    let out = PathBuf::from(&cfg.output.dir);
+    let (first, seconds0) = match &resume_from {
+        Some((st, dir)) => {
+            ft.restore(dir, st)?;
+            (st.step, st.seconds)
+        }
+        None => (0, 0.0),
+    };
     std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create", &out, e))?;
     let mp = out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&mp).map_err(|e| Error::io("cannot create", &mp, e))?;
+    let mut metrics = if resume_from.is_some() {
+        super::truncate_metrics(&mp, first)?;
+        std::fs::OpenOptions::new().append(true).create(true).open(&mp)
+    } else {
+        std::fs::File::create(&mp)
+    }
+    .map_err(|e| Error::io("cannot open", &mp, e))?;
     let bs = cfg.train.batch_size as usize;
-    let pb = super::progress_bar(progress, cfg.train.steps, 0);
+    let per_step = bs.min(subset.len());
+    let pb = super::progress_bar(progress, cfg.train.steps, first);
     let t0 = Instant::now();
-    let mut cursor = subset.len();
-    let mut epoch_order: Vec<usize> = Vec::new();
-    let mut last = f32::NAN;
+    let mut order_of: (u64, Vec<usize>) = (u64::MAX, Vec::new());
+    let mut last = resume_from.as_ref().map(|(st, _)| st.loss).unwrap_or(f32::NAN);
     let mut last_eval = None;
-    for step in 0..cfg.train.steps {
-        let mut rows = Vec::with_capacity(bs);
-        while rows.len() < bs.min(subset.len()) {
-            if cursor >= epoch_order.len() {
-                epoch_order = (0..subset.len()).collect();
-                super::data::shuffle(&mut rng, &mut epoch_order);
-                cursor = 0;
+    for step in first..cfg.train.steps {
+        let mut rows = Vec::with_capacity(per_step);
+        for i in step * per_step as u64..(step + 1) * per_step as u64 {
+            let epoch = i / subset.len() as u64;
+            if order_of.0 != epoch {
+                order_of = (epoch, epoch_order(cfg.train.seed, epoch, subset.len()));
             }
-            rows.push(subset[epoch_order[cursor]]);
-            cursor += 1;
+            rows.push(subset[order_of.1[(i % subset.len() as u64) as usize]]);
         }
         let b = ft.batch(&rows, &train.path)?;
         let o = &cfg.optim;
@@ -645,7 +788,7 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<Finetune
             None => None,
         };
         if done % cfg.train.log_every == 0 || done == cfg.train.steps || scores.is_some() {
-            let mut line = serde_json::json!({ "step": done, "loss": last, "lr": lr, "encoder_lr": enc_lr, "images_per_s": (done as usize * bs) as f64 / t0.elapsed().as_secs_f64() });
+            let mut line = serde_json::json!({ "step": done, "loss": last, "lr": lr, "encoder_lr": enc_lr, "images_per_s": ((done - first) as usize * per_step) as f64 / t0.elapsed().as_secs_f64() });
             if let Some(s) = &scores {
                 line["eval"] = serde_json::to_value(s).expect("json");
             }
@@ -655,12 +798,40 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool) -> Result<Finetune
         if scores.is_some() {
             last_eval = scores;
         }
+        if (cfg.train.checkpoint_every > 0 && done % cfg.train.checkpoint_every == 0) || done == cfg.train.steps {
+            let st = FinetuneState {
+                step: done,
+                seed: cfg.train.seed,
+                task: cfg.task,
+                mode: cfg.mode,
+                head: cfg.head.kind,
+                fraction: cfg.data.fraction,
+                train_images: subset.len(),
+                loss: last,
+                seconds: seconds0 + t0.elapsed().as_secs_f64(),
+            };
+            ft.save_checkpoint(&out, &st, cfg.train.keep_checkpoints as usize)?;
+        }
         pb.set_position(done);
     }
     pb.finish_and_clear();
+    if last_eval.is_none() {
+        // Resumed at the end (or no steps left): measure what the checkpoint holds.
+        if let Some(e) = &eval {
+            last_eval = Some(ft.evaluate(e, 32)?);
+        }
+    }
     let model_dir = out.join("model");
     ft.save(&model_dir, cfg)?;
-    let s = FinetuneSummary { steps: cfg.train.steps, train_images: subset.len(), final_loss: last, seconds: t0.elapsed().as_secs_f64(), eval: last_eval, model_dir: model_dir.display().to_string() };
+    let s = FinetuneSummary {
+        steps: cfg.train.steps,
+        train_images: subset.len(),
+        final_loss: last,
+        seconds: seconds0 + t0.elapsed().as_secs_f64(),
+        eval: last_eval,
+        model_dir: model_dir.display().to_string(),
+        resumed_from: resume_from.map(|(st, _)| st.step),
+    };
     let sp = out.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&s).expect("json")).map_err(|e| Error::io("cannot write", &sp, e))?;
     Ok(s)

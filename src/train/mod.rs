@@ -494,7 +494,7 @@ struct MetricsLine {
 
 /// Keep only the metrics lines up to `step` (what a checkpoint covers), so a resumed run's file
 /// reads as one run.
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: Vec<&str> = text
         .lines()

@@ -150,6 +150,13 @@ impl ClipShape {
         let ffn = |o: &serde_json::Value, w: usize| o.get("intermediate_size").and_then(serde_json::Value::as_u64).map(|n| n as usize).unwrap_or(4 * w);
         let vw = get(vc, "hidden_size")?;
         let tw = get(tc, "hidden_size")?;
+        let (is, ps) = (get(vc, "image_size")?, get(vc, "patch_size")?);
+        if ps == 0 || is % ps != 0 {
+            return Err(Error::model(
+                path,
+                format!("vision_config: image_size {is} is not a whole number of {ps}-pixel patches; the patch grid does not fit the image, so its patch tokens cannot be laid out on the image"),
+            ));
+        }
         Ok(ClipShape {
             vision: VisionShape {
                 image_size: get(vc, "image_size")?,
