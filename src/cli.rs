@@ -76,7 +76,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Dense evaluation on a dense dataset (dense.parquet): training-free segmentation from the
-    /// class names (MaskCLIP) for a student or a Hugging Face CLIP directory.
+    /// class names (MaskCLIP) for a student or a Hugging Face CLIP directory, and the finetuned
+    /// head's mIoU or depth errors for a `recap finetune` model.
     #[arg(long)]
     pub dense: bool,
 }

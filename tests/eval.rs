@@ -244,6 +244,25 @@ fn a_frozen_encoder_segmentation_head_fits_a_small_dense_set() {
     assert!(last.final_loss < 0.6 * first.final_loss, "loss {} -> {}", first.final_loss, last.final_loss);
     assert!(s2.miou > s1.miou + 0.1, "mIoU {} -> {}", s1.miou, s2.miou);
     assert!(tmp.path().join("many/model/head.safetensors").is_file() && tmp.path().join("many/metrics.jsonl").is_file());
+    // `recap eval --dense` measures the finetuned head as the run did, beside MaskCLIP.
+    let out = std::process::Command::new(recap_bin())
+        .args(["eval", "--dense", "--json", "--model"])
+        .arg(tmp.path().join("many"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((r["head"]["segmentation"]["miou"].as_f64().unwrap() - s2.miou).abs() < 1e-9, "{r}");
+    assert!(r["head"]["segmentation"]["per_class"].as_object().unwrap().len() >= 2, "{r}");
+    assert!(r["zero_shot_segmentation"]["miou"].as_f64().is_some());
+    // A dense set of other classes than the head's is refused, naming both.
+    let ft = finetune::Finetuner::load(&tmp.path().join("many/model")).unwrap();
+    let mut other = recap::train::dense::DenseSet::open(&data).unwrap();
+    other.spec.classes.push("hexagon".into());
+    let e = ft.evaluate_on(&other, 8).err().unwrap().to_string();
+    assert!(e.contains("hexagon") && e.contains("the head was trained on"), "{e}");
     // A dense set that cannot be opened is reported at data.train, with its path.
     let e = finetune::run(
         &finetune::parse_str(&yaml, "f.yaml", &[format!("data.train={}", tmp.path().join("nope.parquet").display()), format!("student={}", root().join("models/shapeworld-clip-a").display())]).unwrap(),

@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
     "quick": dict(world=600, heldout=300, rows_per_shard=150, views=10, captions=5, steps=300, batch=32,
-                  eval_every=50, ft_steps=60, ft_batch=16, seeds=3),
+                  eval_every=50, ft_steps=150, ft_batch=16, seeds=3),
     "full": dict(world=4000, heldout=1000, rows_per_shard=500, views=10, captions=5, steps=3000, batch=64,
-                 eval_every=250, ft_steps=300, ft_batch=16, seeds=3),
+                 eval_every=250, ft_steps=1000, ft_batch=16, seeds=3),
 }
 
 TEACHERS = ["models/shapeworld-clip-a", "models/shapeworld-clip-b"]
@@ -83,6 +83,11 @@ def arms():
           f"loss.teacher_scales=[{scales}]"]),
     ]
 
+
+# The dense probe: a linear head per patch token (it measures the features rather than a decoder's
+# capacity) at a learning rate that fits it in the steps given; in mode full the encoder trains
+# at a tenth of the head's rate.
+HEAD = ["head.kind=linear", "optim.lr=1e-2", "optim.encoder_lr=1e-3", "optim.warmup_steps=20"]
 
 # Dense finetunes per student: (task, mode, label fraction).
 FINETUNES = [(task, mode, frac) for frac in (1.0, 0.1) for task in ("segmentation", "depth") for mode in ("frozen", "full")]
@@ -199,14 +204,17 @@ def evaluate(run, work, size, student, tag, seed):
         k = f"{task}-{mode}-{frac:g}"
         out = student / "finetune" / k
         log(f"recap finetune: {tag}, {task}, {mode}, {frac:.0%} of the labels")
-        run(f"finetune-{tag}-{k}", ["finetune", "pipelines/finetune-tiny.yaml", "--no-progress",
+        run(f"finetune-{tag}-{k}", ["finetune", "pipelines/finetune-tiny.yaml", "--no-progress", "--resume",
                                     "--set", f"student={student}", "--set", f"task={task}", "--set", f"mode={mode}",
                                     "--set", f"data.fraction={frac}", "--set", f"data.train={work / 'world' / 'dense.parquet'}",
                                     "--set", f"data.eval={work / 'heldout' / 'dense.parquet'}", "--set", f"output.dir={out}",
                                     "--set", f"train.steps={size['ft_steps']}", "--set", f"train.batch_size={size['ft_batch']}",
-                                    "--set", f"train.seed={seed}", "--set", "train.eval_every=0"])
+                                    "--set", f"train.seed={seed}", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+            + [x for h in HEAD for x in ("--set", h)])
         r["finetune"][k] = json.loads((out / "summary.json").read_text())
-        shutil.rmtree(out / "model", ignore_errors=True)  # the numbers are kept; the weights are not needed
+        # The numbers are kept; the weights are not needed.
+        shutil.rmtree(out / "model", ignore_errors=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     r["curve"] = [(m["samples"], m["zero_shot"]) for m in map(json.loads, (student / "metrics.jsonl").read_text().splitlines()) if "zero_shot" in m]
     res.write_text(json.dumps(r))
     return r
@@ -343,9 +351,10 @@ def report(work, size, arm_list, results, seeds, mode, seconds):
         "",
         "## Dense (held-out world)",
         "",
-        "Segmentation mIoU (higher is better) and depth RMSE in metres (lower is better) of a linear head on the patch "
-        "tokens; *frozen* trains the head only, *full* the encoder too (at a tenth of the head's learning rate); 10% = a "
-        "tenth of the dense labels. MaskCLIP = training-free segmentation from the class names' text embeddings.",
+        f"Segmentation mIoU (higher is better) and depth RMSE in metres (lower is better) of a linear head on the patch "
+        f"tokens ({', '.join(HEAD)}; depth: scale-invariant log loss), trained on the training world's dense labels "
+        f"and measured on the held-out world's; *frozen* trains the head only, *full* the encoder too; 10% = a "
+        f"tenth of the dense labels. MaskCLIP = training-free segmentation from the class names' text embeddings.",
         "",
         "| arm | MaskCLIP mIoU | mIoU frozen | mIoU full | mIoU frozen 10% | mIoU full 10% | RMSE frozen | RMSE full | RMSE frozen 10% | RMSE full 10% |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -402,6 +411,12 @@ def main():
             results[(arm[0], seed)] = evaluate(run, work, size, student, f"{arm[0]}-{seed}", seed)
     text = report(work, size, arm_list, results, seeds, mode, time.time() - t0)
     print(text)
+    # Every cell must come from a run: a missing number is a failure, not a dash.
+    missing = [f"arm {k} seed {s}: {m}" for (k, s), r in results.items() for m in
+               [f"finetune {f}" for f, v in r["finetune"].items() if not (v.get("eval") or {}).get("segmentation" if f.startswith("seg") else "depth")]
+               + (["learning curve"] if len(r["curve"]) < 2 else [])]
+    if missing or "–" in text:
+        raise SystemExit("the experiment is incomplete: " + "; ".join(missing or ["a table cell has no value"]))
     log(f"wrote {work / 'RESULTS.md'}, {work / 'results.json'}, {work / 'learning_curves.svg'}")
 
 

@@ -469,6 +469,9 @@ pub struct DenseReport {
     pub zero_shot_segmentation: super::dense_metrics::SegScores,
     /// Side at which masks were compared (the model's input: shortest side resized, centre crop).
     pub resolution: usize,
+    /// The finetuned head's scores, when the model is a `recap finetune` model directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<super::finetune::DenseHeadScores>,
 }
 
 /// A class mask through the same resize (shortest side to `s`, nearest) and centre crop as the
@@ -529,6 +532,7 @@ pub fn evaluate_dense_zero_shot(path: &Path, set: &super::dense::DenseSet, templ
         images: labelled.len(),
         zero_shot_segmentation: conf.scores(&set.spec.classes),
         resolution: s,
+        head: if dir.join("finetune.json").is_file() { Some(super::finetune::Finetuner::load(&dir)?.evaluate_on(set, batch)?) } else { None },
     })
 }
 
@@ -543,9 +547,24 @@ pub fn format_dense_report(r: &DenseReport) -> String {
         "{} on {} ({} labelled images, compared at {}x{})\n  zero-shot segmentation (MaskCLIP): mIoU {:.3}, pixel accuracy {:.3}, mean class accuracy {:.3}\n",
         r.model, r.data, r.images, r.resolution, r.resolution, z.miou, z.pixel_accuracy, z.mean_class_accuracy
     );
-    s.push_str(&format!("  {:<22} {:>7} {:>9} {:>10}\n", "class", "IoU", "accuracy", "pixels"));
-    for (k, c) in &z.per_class {
-        s.push_str(&format!("  {:<22} {:>7.3} {:>9.3} {:>10}\n", k, c.iou, c.accuracy, c.pixels));
+    let table = |s: &mut String, per_class: &std::collections::BTreeMap<String, super::dense_metrics::ClassScore>| {
+        s.push_str(&format!("  {:<22} {:>7} {:>9} {:>10}\n", "class", "IoU", "accuracy", "pixels"));
+        for (k, c) in per_class {
+            s.push_str(&format!("  {:<22} {:>7.3} {:>9.3} {:>10}\n", k, c.iou, c.accuracy, c.pixels));
+        }
+    };
+    table(&mut s, &z.per_class);
+    if let Some(h) = &r.head {
+        if let Some(seg) = &h.segmentation {
+            s.push_str(&format!(
+                "  finetuned segmentation head ({} images): mIoU {:.3}, pixel accuracy {:.3}, mean class accuracy {:.3}\n",
+                h.images, seg.miou, seg.pixel_accuracy, seg.mean_class_accuracy
+            ));
+            table(&mut s, &seg.per_class);
+        }
+        if let Some(d) = &h.depth {
+            s.push_str(&format!("  finetuned depth head ({} images): RMSE {:.3}, AbsRel {:.3}, δ<1.25 {:.3} ({} pixels)\n", h.images, d.rmse, d.abs_rel, d.delta1, d.pixels));
+        }
     }
     s
 }

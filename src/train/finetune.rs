@@ -566,6 +566,58 @@ impl Finetuner {
         })
     }
 
+    /// A finetuned model directory (`recap finetune`'s `model/`: the student, `head.safetensors`
+    /// and `finetune.json`), ready to measure.
+    pub fn load(dir: &Path) -> Result<Finetuner> {
+        let mp = dir.join("finetune.json");
+        let text = std::fs::read_to_string(&mp).map_err(|e| Error::io("cannot read", &mp, e))?;
+        #[derive(Deserialize)]
+        struct Meta {
+            task: DenseTask,
+            head: HeadConfig,
+            classes: Vec<String>,
+            ignore_index: Option<u32>,
+            mode: FinetuneMode,
+        }
+        let m: Meta = serde_json::from_str(&text).map_err(|e| Error::model(&mp, format!("not a recap finetune.json: {e}")))?;
+        let student = StudentModel::load(dir)?;
+        let out = match m.task {
+            DenseTask::Segmentation => m.classes.len(),
+            DenseTask::Depth => 1,
+        };
+        let head = Head::init(m.head.kind, student.clip.shape.vision.width, m.head.hidden as usize, out, 0, &Device::Cpu)?;
+        let hp = dir.join("head.safetensors");
+        let t = candle_core::safetensors::load(&hp, &Device::Cpu).map_err(|e| Error::model(&hp, format!("cannot read: {e}")))?;
+        for (k, v) in &head.vars {
+            let x = t.get(k).ok_or_else(|| Error::model(&hp, format!("{k} is missing; expected a {:?} head", m.head.kind)))?;
+            if x.dims() != v.dims() {
+                return Err(Error::model(&hp, format!("{k} has shape {:?}, expected {:?} for this student and finetune.json", x.dims(), v.dims())));
+            }
+            v.set(x).map_err(ce(k))?;
+        }
+        let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let head_opt = AdamW::new(std::iter::empty(), settings)?;
+        Ok(Finetuner { student, head, task: m.task, mode: m.mode, depth_loss: m.head.depth_loss, classes: m.classes, ignore: m.ignore_index, head_opt, enc_opt: None })
+    }
+
+    /// Scores on a dense set, after checking that the set's classes are the head's.
+    pub fn evaluate_on(&self, set: &DenseSet, batch: usize) -> Result<DenseHeadScores> {
+        if self.task == DenseTask::Segmentation && set.spec.classes != self.classes {
+            return Err(Error::input(
+                &set.path,
+                format!("declares the classes [{}], but the head was trained on [{}]", set.spec.classes.join(", "), self.classes.join(", ")),
+            ));
+        }
+        let wanted = |r: &&DenseRow| match self.task {
+            DenseTask::Segmentation => r.mask.is_some(),
+            DenseTask::Depth => r.depth.is_some(),
+        };
+        if !set.rows.iter().any(|r| wanted(&r)) {
+            return Err(Error::input(&set.path, format!("has no {:?} labels to measure the head on", self.task)));
+        }
+        self.evaluate(set, batch)
+    }
+
     pub fn save(&self, dir: &Path, cfg: &FinetuneConfig) -> Result<()> {
         super::write_model_dir(&self.student.clip, &self.student.dir, dir)?;
         let heads: std::collections::HashMap<String, Tensor> = self.head.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
