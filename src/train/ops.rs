@@ -323,11 +323,11 @@ impl Attention {
             let row = &mut p[i * t..(i + 1) * t];
             let valid = if self.causal { i + 1 } else { t };
             let max = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
+            // Exponentials first (a loop that vectorises), then their sum.
             for x in row[..valid].iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
+                *x = fast_exp(*x - max);
             }
+            let sum: f32 = row[..valid].iter().sum();
             let inv = 1.0 / sum;
             row[..valid].iter_mut().for_each(|x| *x *= inv);
             row[valid..].iter_mut().for_each(|x| *x = 0.0);
@@ -525,29 +525,65 @@ pub fn conv3x3_channels_last(x: &Tensor, w: &Tensor, b: &Tensor) -> CResult<Tens
 
 struct PixelCrossEntropy {
     labels: Vec<u32>,
+    /// The forward's softmax, kept for the backward of the same logits when it is small enough.
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
+/// Softmax probabilities kept between forward and backward up to this many bytes (else the
+/// backward recomputes them).
+const KEEP_PIXEL_PROBS_BYTES: usize = 256 << 20;
+
 impl PixelCrossEntropy {
-    /// (softmax probabilities at every class, per pixel) streamed to `f(b, pixel, probs)`.
-    fn for_each_pixel(&self, x: &[f32], dims: (usize, usize, usize), mut f: impl FnMut(usize, usize, &[f32])) {
-        let (b, c, hw) = dims;
-        let mut p = vec![0f32; c];
-        for bi in 0..b {
-            for i in 0..hw {
-                let mut max = f32::NEG_INFINITY;
-                for k in 0..c {
-                    p[k] = x[(bi * c + k) * hw + i];
-                    max = max.max(p[k]);
-                }
-                let mut sum = 0f32;
-                p.iter_mut().for_each(|v| {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                });
-                p.iter_mut().for_each(|v| *v /= sum);
-                f(bi, i, &p);
+    /// Softmax over the classes of one image's logits `x` [C, HW] into `p` [C, HW], plane by
+    /// plane so that the loops vectorise; `lse` [HW] gets each pixel's log-sum-exp.
+    fn softmax_planes(x: &[f32], c: usize, hw: usize, p: &mut [f32], lse: &mut [f32]) {
+        lse.fill(f32::NEG_INFINITY);
+        for k in 0..c {
+            for (m, &v) in lse.iter_mut().zip(&x[k * hw..(k + 1) * hw]) {
+                *m = m.max(v);
             }
         }
+        let mut sum = vec![0f32; hw];
+        for k in 0..c {
+            let (xp, pp) = (&x[k * hw..(k + 1) * hw], &mut p[k * hw..(k + 1) * hw]);
+            for i in 0..hw {
+                let e = fast_exp(xp[i] - lse[i]);
+                pp[i] = e;
+                sum[i] += e;
+            }
+        }
+        for i in 0..hw {
+            lse[i] += sum[i].ln();
+            sum[i] = 1.0 / sum[i];
+        }
+        for k in 0..c {
+            for (v, inv) in p[k * hw..(k + 1) * hw].iter_mut().zip(&sum) {
+                *v *= inv;
+            }
+        }
+    }
+
+    /// Probabilities of every image (in parallel over the batch) and the summed loss.
+    fn forward(&self, x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, f64) {
+        let mut p = vec![0f32; x.len()];
+        let total: f64 = p
+            .par_chunks_mut(c * hw)
+            .zip(x.par_chunks(c * hw))
+            .zip(self.labels.par_chunks(hw))
+            .map(|((p, x), labels)| {
+                let mut lse = vec![0f32; hw];
+                Self::softmax_planes(x, c, hw, p, &mut lse);
+                let mut t = 0f64;
+                for (i, &l) in labels.iter().enumerate() {
+                    if (l as usize) < c {
+                        t += (lse[i] - x[l as usize * hw + i]) as f64;
+                    }
+                }
+                t
+            })
+            .sum();
+        debug_assert_eq!(p.len(), b * c * hw);
+        (p, total)
     }
 
     fn valid(&self, c: usize) -> usize {
@@ -566,13 +602,10 @@ impl candle_core::CustomOp1 for PixelCrossEntropy {
         if self.labels.len() != b * h * w {
             candle_core::bail!("{} labels for {} pixels", self.labels.len(), b * h * w);
         }
-        let mut total = 0f64;
-        self.for_each_pixel(x, (b, c, h * w), |bi, i, p| {
-            let l = self.labels[bi * h * w + i] as usize;
-            if l < c {
-                total -= (p[l].max(1e-30) as f64).ln();
-            }
-        });
+        let (p, total) = self.forward(x, b, c, h * w);
+        if p.len() * 4 <= KEEP_PIXEL_PROBS_BYTES {
+            *self.probs.lock().expect("not poisoned") = Some(p);
+        }
         let n = self.valid(c).max(1) as f64;
         Ok((CpuStorage::F32(vec![(total / n) as f32]), Shape::from(())))
     }
@@ -581,26 +614,55 @@ impl candle_core::CustomOp1 for PixelCrossEntropy {
         let (b, c, h, w) = x.dims4()?;
         let scale = g.to_scalar::<f32>()? / self.valid(c).max(1) as f32;
         let hw = h * w;
-        let dx = with_data(x, |xv| {
-            let mut dx = vec![0f32; xv.len()];
-            self.for_each_pixel(xv, (b, c, hw), |bi, i, p| {
-                let l = self.labels[bi * hw + i] as usize;
-                if l < c {
+        let kept = self.probs.lock().expect("not poisoned").take().filter(|p| p.len() == b * c * hw);
+        let mut dx = match kept {
+            Some(p) => p,
+            None => with_data(x, |xv| Ok(self.forward(xv, b, c, hw).0))?,
+        };
+        // d loss / d x = (p − onehot(label)) / n at labelled pixels, 0 elsewhere.
+        dx.par_chunks_mut(c * hw).zip(self.labels.par_chunks(hw)).for_each(|(d, labels)| {
+            for (i, &l) in labels.iter().enumerate() {
+                if (l as usize) < c {
+                    d[l as usize * hw + i] -= 1.0;
+                } else {
                     for k in 0..c {
-                        dx[(bi * c + k) * hw + i] = scale * (p[k] - if k == l { 1.0 } else { 0.0 });
+                        d[k * hw + i] = 0.0;
                     }
                 }
-            });
-            Ok(dx)
-        })?;
+            }
+            d.iter_mut().for_each(|v| *v *= scale);
+        });
         Ok(Some(tensor(dx, x.shape(), x)?))
     }
+}
+
+/// e^x for f32 within a few ulp (Cephes' expf: x = n·ln2 + r with |r| ≤ ln2/2, a degree-6
+/// polynomial for e^r, 2^n through the exponent bits), with no call and no branch so that loops
+/// over slices vectorise; the softmaxes of training spend most of their time here. Inputs are
+/// clamped to [-87, 88] (e^-87 ≈ 1.6e-38 stands for 0).
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Mean per-pixel cross-entropy of logits [B, C, H, W] against `labels` (B·H·W; values ≥ C are
 /// skipped).
 pub fn pixel_cross_entropy(logits: &Tensor, labels: Vec<u32>) -> CResult<Tensor> {
-    logits.contiguous()?.apply_op1(PixelCrossEntropy { labels })
+    logits.contiguous()?.apply_op1(PixelCrossEntropy { labels, probs: std::sync::Mutex::new(None) })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,6 +702,21 @@ pub fn upsample_bilinear(x: &Tensor, size: (usize, usize)) -> CResult<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
+
+    #[test]
+    fn fast_exp_is_exp_to_a_few_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (fast_exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.001_37;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(-1000.0) < 1e-37 && fast_exp(-1000.0) >= 0.0);
+        assert!(fast_exp(f32::NAN).is_nan());
+    }
 
     fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
         let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
