@@ -296,6 +296,25 @@ impl Head {
         Ok(Head { kind, out, vars })
     }
 
+    /// Write the head's weights (safetensors, by name).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let heads: std::collections::HashMap<String, Tensor> = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&heads, path).map_err(|e| Error::model(path, format!("cannot write: {e}")))
+    }
+
+    /// Set the weights from a file [`Head::save`] wrote, checking every name and shape.
+    pub fn load(&self, path: &Path) -> Result<()> {
+        let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::model(path, format!("cannot read: {e}")))?;
+        for (k, v) in &self.vars {
+            let x = t.get(k).ok_or_else(|| Error::model(path, format!("{k} is missing; expected a {:?} head", self.kind)))?;
+            if x.dims() != v.dims() {
+                return Err(Error::model(path, format!("{k} has shape {:?}, expected {:?}: a head of another student, task or dataset", x.dims(), v.dims())));
+            }
+            v.set(x).map_err(ce(k))?;
+        }
+        Ok(())
+    }
+
     /// Set every output channel's bias (a depth head's starting log-depth).
     pub fn set_output_bias(&self, v: f32) -> Result<()> {
         let name = match self.kind {
@@ -586,15 +605,7 @@ impl Finetuner {
             DenseTask::Depth => 1,
         };
         let head = Head::init(m.head.kind, student.clip.shape.vision.width, m.head.hidden as usize, out, 0, &Device::Cpu)?;
-        let hp = dir.join("head.safetensors");
-        let t = candle_core::safetensors::load(&hp, &Device::Cpu).map_err(|e| Error::model(&hp, format!("cannot read: {e}")))?;
-        for (k, v) in &head.vars {
-            let x = t.get(k).ok_or_else(|| Error::model(&hp, format!("{k} is missing; expected a {:?} head", m.head.kind)))?;
-            if x.dims() != v.dims() {
-                return Err(Error::model(&hp, format!("{k} has shape {:?}, expected {:?} for this student and finetune.json", x.dims(), v.dims())));
-            }
-            v.set(x).map_err(ce(k))?;
-        }
+        head.load(&dir.join("head.safetensors"))?;
         let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let head_opt = AdamW::new(std::iter::empty(), settings)?;
         Ok(Finetuner { student, head, task: m.task, mode: m.mode, depth_loss: m.head.depth_loss, classes: m.classes, ignore: m.ignore_index, head_opt, enc_opt: None })
@@ -620,9 +631,7 @@ impl Finetuner {
 
     pub fn save(&self, dir: &Path, cfg: &FinetuneConfig) -> Result<()> {
         super::write_model_dir(&self.student.clip, &self.student.dir, dir)?;
-        let heads: std::collections::HashMap<String, Tensor> = self.head.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        let hp = dir.join("head.safetensors");
-        candle_core::safetensors::save(&heads, &hp).map_err(|e| Error::model(&hp, format!("cannot write: {e}")))?;
+        self.head.save(&dir.join("head.safetensors"))?;
         let meta = serde_json::json!({ "task": cfg.task, "head": cfg.head, "classes": self.classes, "ignore_index": self.ignore, "mode": cfg.mode });
         let mp = dir.join("finetune.json");
         std::fs::write(&mp, serde_json::to_string_pretty(&meta).expect("json")).map_err(|e| Error::io("cannot write", &mp, e))
@@ -647,44 +656,23 @@ pub struct FinetuneState {
 
 impl Finetuner {
     fn save_checkpoint(&self, out: &Path, st: &FinetuneState, keep: usize) -> Result<()> {
-        let dir = out.join("checkpoints");
-        let name = format!("step-{:08}", st.step);
-        let tmp = dir.join(format!(".tmp-{name}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        if self.mode == FinetuneMode::Full {
-            super::write_model_dir(&self.student.clip, &self.student.dir, &tmp)?;
-        }
-        if let Some(e) = &self.enc_opt {
-            e.save(&tmp.join("encoder_optimizer.safetensors"))?;
-        }
-        let heads: std::collections::HashMap<String, Tensor> = self.head.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        let hp = tmp.join("head.safetensors");
-        candle_core::safetensors::save(&heads, &hp).map_err(|e| Error::model(&hp, format!("cannot write: {e}")))?;
-        self.head_opt.save(&tmp.join("head_optimizer.safetensors"))?;
-        let sp = tmp.join("state.json");
-        std::fs::write(&sp, serde_json::to_string_pretty(st).expect("state serialises")).map_err(|e| Error::io("cannot write", &sp, e))?;
-        let fin = dir.join(&name);
-        let _ = std::fs::remove_dir_all(&fin);
-        std::fs::rename(&tmp, &fin).map_err(|e| Error::io("cannot move checkpoint into", &fin, e))?;
-        let all = super::checkpoints(out);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            let _ = std::fs::remove_dir_all(old);
-        }
-        Ok(())
+        super::write_checkpoint(out, st.step, keep, |tmp| {
+            if self.mode == FinetuneMode::Full {
+                super::write_model_dir(&self.student.clip, &self.student.dir, tmp)?;
+            }
+            if let Some(e) = &self.enc_opt {
+                e.save(&tmp.join("encoder_optimizer.safetensors"))?;
+            }
+            self.head.save(&tmp.join("head.safetensors"))?;
+            self.head_opt.save(&tmp.join("head_optimizer.safetensors"))?;
+            let sp = tmp.join("state.json");
+            std::fs::write(&sp, serde_json::to_string_pretty(st).expect("state serialises")).map_err(|e| Error::io("cannot write", &sp, e))
+        })
     }
 
     /// Load a checkpoint's head and optimiser moments (the encoder came with the student).
     fn restore(&mut self, dir: &Path, st: &FinetuneState) -> Result<()> {
-        let hp = dir.join("head.safetensors");
-        let t = candle_core::safetensors::load(&hp, &Device::Cpu).map_err(|e| Error::model(&hp, format!("cannot read: {e}")))?;
-        for (k, v) in &self.head.vars {
-            let x = t.get(k).ok_or_else(|| Error::model(&hp, format!("{k} is missing: the checkpoint is of another head")))?;
-            if x.dims() != v.dims() {
-                return Err(Error::model(&hp, format!("{k} has shape {:?}, expected {:?}: the checkpoint is of another head or dataset", x.dims(), v.dims())));
-            }
-            v.set(x).map_err(ce(k))?;
-        }
+        self.head.load(&dir.join("head.safetensors"))?;
         self.head_opt.load(&dir.join("head_optimizer.safetensors"), st.step)?;
         if let Some(e) = &mut self.enc_opt {
             e.load(&dir.join("encoder_optimizer.safetensors"), st.step)?;

@@ -425,24 +425,33 @@ impl Trainer {
     /// A checkpoint is a model directory (evaluable as it is by `recap eval`) plus the optimiser
     /// moments and the state.
     fn save_checkpoint(&self, out: &Path, state: &CheckpointState, keep: usize, tokenizer_dir: &Path) -> Result<()> {
-        let dir = checkpoints_dir(out);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
-        let name = format!("step-{:08}", state.step);
-        let tmp = dir.join(format!(".tmp-{name}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        write_model_dir(&self.clip, tokenizer_dir, &tmp)?;
-        self.opt.save(&tmp.join("optimizer.safetensors"))?;
-        let json = serde_json::to_string_pretty(state).expect("state serialises");
-        std::fs::write(tmp.join("state.json"), json).map_err(|e| Error::io("cannot write", tmp.join("state.json"), e))?;
-        let fin = dir.join(&name);
-        let _ = std::fs::remove_dir_all(&fin);
-        std::fs::rename(&tmp, &fin).map_err(|e| Error::io("cannot move checkpoint into", &fin, e))?;
-        let all = checkpoints(out);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            let _ = std::fs::remove_dir_all(old);
-        }
-        Ok(())
+        write_checkpoint(out, state.step, keep, |tmp| {
+            write_model_dir(&self.clip, tokenizer_dir, tmp)?;
+            self.opt.save(&tmp.join("optimizer.safetensors"))?;
+            let json = serde_json::to_string_pretty(state).expect("state serialises");
+            std::fs::write(tmp.join("state.json"), json).map_err(|e| Error::io("cannot write", tmp.join("state.json"), e))
+        })
     }
+}
+
+/// Write checkpoint `checkpoints/step-N` of a run directory whole or not at all: `write` fills a
+/// temporary directory (with a `state.json`), which is then renamed; checkpoints beyond the
+/// newest `keep` are deleted.
+pub(crate) fn write_checkpoint(out: &Path, step: u64, keep: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = checkpoints_dir(out);
+    let name = format!("step-{step:08}");
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    write(&tmp)?;
+    let fin = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&fin);
+    std::fs::rename(&tmp, &fin).map_err(|e| Error::io("cannot move checkpoint into", &fin, e))?;
+    let all = checkpoints(out);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
 }
 
 /// Write the student as a Hugging Face CLIP directory: config.json, model.safetensors,
