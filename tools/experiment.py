@@ -191,8 +191,11 @@ def train_arm(run, work, size, shards, arm, seed):
     return out
 
 
-def evaluate(run, work, size, student, tag, seed):
-    res = student / "experiment.json"
+def evaluate(run, work, size, student, tag, seed, out=None):
+    """Every measure of one model; kept in OUT/experiment.json (OUT: the student's run directory,
+    or a directory of its own for a teacher, whose weights are not ours to write beside)."""
+    out_dir = out or student
+    res = out_dir / "experiment.json"
     if res.is_file():
         return json.loads(res.read_text())
     r = {}
@@ -202,7 +205,7 @@ def evaluate(run, work, size, student, tag, seed):
     r["finetune"] = {}
     for task, mode, frac in FINETUNES:
         k = f"{task}-{mode}-{frac:g}"
-        out = student / "finetune" / k
+        out = out_dir / "finetune" / k
         log(f"recap finetune: {tag}, {task}, {mode}, {frac:.0%} of the labels")
         run(f"finetune-{tag}-{k}", ["finetune", "pipelines/finetune-tiny.yaml", "--no-progress", "--resume",
                                     "--set", f"student={student}", "--set", f"task={task}", "--set", f"mode={mode}",
@@ -215,7 +218,9 @@ def evaluate(run, work, size, student, tag, seed):
         # The numbers are kept; the weights are not needed.
         shutil.rmtree(out / "model", ignore_errors=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    r["curve"] = [(m["samples"], m["zero_shot"]) for m in map(json.loads, (student / "metrics.jsonl").read_text().splitlines()) if "zero_shot" in m]
+    metrics = student / "metrics.jsonl"
+    r["curve"] = [(m["samples"], m["zero_shot"]) for m in map(json.loads, metrics.read_text().splitlines()) if "zero_shot" in m] if metrics.is_file() else []
+    out_dir.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps(r))
     return r
 
@@ -282,11 +287,12 @@ def samples_to_reach(curve, target):
     return None
 
 
-def svg_curves(series, path, title):
-    """Learning curves: series = [(label, colour, [(x, mean, std)])]."""
+def svg_curves(series, path, title, refs=()):
+    """Learning curves: series = [(label, colour, [(x, mean, std)])]; refs = [(label, y)] drawn as
+    dashed horizontal lines (the teachers)."""
     W, H, L, R, T, B = 760, 430, 70, 200, 40, 55
     xs = [p[0] for _, _, c in series for p in c] or [1]
-    ys = [v for _, _, c in series for p in c for v in (p[1] - p[2], p[1] + p[2])] or [0, 1]
+    ys = [v for _, _, c in series for p in c for v in (p[1] - p[2], p[1] + p[2])] + [y for _, y in refs] or [0, 1]
     x0, x1 = 0, max(xs)
     y0, y1 = math.floor(min(ys) * 20) / 20, math.ceil(max(ys) * 20) / 20
     if y1 <= y0:
@@ -307,6 +313,9 @@ def svg_curves(series, path, title):
     o.append(f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">samples seen</text>')
     o.append(f'<text transform="translate(16,{(T + H - B) / 2}) rotate(-90)" text-anchor="middle">zero-shot top-1, mean over tasks</text>')
     o.append(f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#888"/>')
+    for label, y in refs:
+        o.append(f'<line x1="{L}" x2="{W - R}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#555" stroke-dasharray="6,4"/>')
+        o.append(f'<text x="{W - R - 4}" y="{py(y) - 4:.1f}" text-anchor="end" fill="#555">{label}</text>')
     for i, (label, colour, c) in enumerate(series):
         if not c:
             continue
@@ -320,11 +329,14 @@ def svg_curves(series, path, title):
     path.write_text("\n".join(o) + "\n")
 
 
-def report(work, size, arm_list, results, seeds, mode, seconds):
+def report(work, size, arm_list, results, seeds, mode, seconds, teachers):
     per_arm = {a[0]: [metrics_of(results[(a[0], s)]) for s in seeds] for a in arm_list}
+    for name, r in teachers.items():
+        per_arm[name] = [metrics_of(r)]
     curves = {a[0]: mean_curve([results[(a[0], s)]["curve"] for s in seeds]) for a in arm_list}
+    # (a)'s final accuracy, and when (a) itself first reached it: the other arms are compared to that.
     target = curves["a"][-1][1] if curves["a"] else None
-    a_samples = curves["a"][-1][0] if curves["a"] else None
+    a_samples = samples_to_reach(curves["a"], target) if curves["a"] else None
     col = lambda k, key: mean_std([m.get(key) for m in per_arm[k]])
     tasks = sorted({k[len("zero_shot_"):] for m in per_arm["a"] for k in m if k.startswith("zero_shot_") and k != "zero_shot_mean"})
     lines = [
@@ -347,6 +359,9 @@ def report(work, size, arm_list, results, seeds, mode, seconds):
         reach_s = "not reached" if reach is None else f"{reach:,} ({a_samples / reach:.1f}× fewer)" if k != "a" else f"{reach:,}"
         lines.append(f"| ({k}) {name}: {desc} | " + " | ".join(
             [fmt(col(k, "zero_shot_mean"))] + [fmt(col(k, f"zero_shot_{t}")) for t in tasks] + [fmt(col(k, "i2t_r1")), fmt(col(k, "t2i_r1")), reach_s]) + " |")
+    for name in teachers:
+        lines.append(f"| teacher {name} (reference) | " + " | ".join(
+            [fmt(col(name, "zero_shot_mean"))] + [fmt(col(name, f"zero_shot_{t}")) for t in tasks] + [fmt(col(name, "i2t_r1")), fmt(col(name, "t2i_r1")), "trained elsewhere"]) + " |")
     lines += [
         "",
         "## Dense (held-out world)",
@@ -364,14 +379,21 @@ def report(work, size, arm_list, results, seeds, mode, seconds):
         cells += [fmt(col(k, f"miou_segmentation-{m}-{f}")) for f in ("1", "0.1") for m in ("frozen", "full")]
         cells += [fmt(col(k, f"rmse_depth-{m}-{f}")) for f in ("1", "0.1") for m in ("frozen", "full")]
         lines.append(f"| ({k}) {name} | " + " | ".join(cells) + " |")
+    for name in teachers:
+        cells = [fmt(col(name, "maskclip_miou"))]
+        cells += [fmt(col(name, f"miou_segmentation-{m}-{f}")) for f in ("1", "0.1") for m in ("frozen", "full")]
+        cells += [fmt(col(name, f"rmse_depth-{m}-{f}")) for f in ("1", "0.1") for m in ("frozen", "full")]
+        lines.append(f"| teacher {name} (reference, one finetuning seed) | " + " | ".join(cells) + " |")
     lines += ["", "![learning curves](learning_curves.svg)", ""]
     (work / "RESULTS.md").write_text("\n".join(lines))
     colours = {"a": "#1f77b4", "b": "#ff7f0e", "c": "#2ca02c", "d": "#d62728"}
     svg_curves([(f"({k}) {name}", colours.get(k, "#444"), curves[k]) for k, name, _, _ in arm_list], work / "learning_curves.svg",
-               f"Zero-shot accuracy on the held-out world ({mode}; mean ± std over {len(seeds)} seeds)")
+               f"Zero-shot accuracy on the held-out world ({mode}; mean ± std over {len(seeds)} seeds)",
+               [(f"teacher {n}", metrics_of(r)["zero_shot_mean"]) for n, r in teachers.items()])
     (work / "results.json").write_text(json.dumps({
         "size": size, "seeds": seeds, "arms": {k: {"name": n, "description": d, "settings": s} for k, n, d, s in arm_list},
         "per_seed": {k: v for k, v in per_arm.items()}, "curves": curves, "seconds": seconds,
+        "teachers": list(teachers),
     }, indent=1))
     return "\n".join(lines)
 
@@ -385,6 +407,8 @@ def main():
     ap.add_argument("--recap", type=Path, default=os.environ.get("RECAP_BIN"), help="the recap binary (default target/release/recap)")
     ap.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from the seeds every arm has finished (while a run is under way)")
     a = ap.parse_args()
     mode = "full" if a.full else "quick"
     size = dict(SIZES[mode])
@@ -394,27 +418,46 @@ def main():
         size["seeds"] = a.seeds
     work = (a.work or ROOT / "runs" / f"experiment-{mode}").resolve()
     recap = (a.recap or ROOT / "target" / "release" / "recap").resolve()
-    if not recap.is_file():
+    if not recap.is_file() and not a.report_only:
         raise SystemExit(f"{recap}: no recap binary; build one with `cargo build --release --no-default-features --bin recap` or pass --recap")
     if a.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    run = Runner(recap, work)
-    shards = build_data(run, work, size)
     arm_list = arms()
     seeds = list(range(size["seeds"]))
     results = {}
+    if a.report_only:
+        # What is finished: the seeds every arm has measured, and the teachers if they are done.
+        load = lambda p: json.loads(p.read_text()) if p.is_file() else None
+        for seed in seeds:
+            got = {k: load(work / "students" / f"{k}-{n}" / f"seed{seed}" / "experiment.json") for k, n, _, _ in arm_list}
+            if all(got.values()):
+                results.update({(k, seed): r for k, r in got.items()})
+        seeds = sorted({s for _, s in results})
+        if not seeds:
+            raise SystemExit(f"{work}: no seed has finished in every arm yet")
+        teachers = {Path(t).name: load(work / "teachers" / Path(t).name / "experiment.json") for t in TEACHERS}
+        teachers = {k: v for k, v in teachers.items() if v}
+        text = report(work, size, arm_list, results, seeds, mode, time.time() - t0, teachers)
+        print(text)
+        return
+    run = Runner(recap, work)
+    shards = build_data(run, work, size)
     for seed in seeds:
         for arm in arm_list:
             student = train_arm(run, work, size, shards, arm, seed)
             results[(arm[0], seed)] = evaluate(run, work, size, student, f"{arm[0]}-{seed}", seed)
-    text = report(work, size, arm_list, results, seeds, mode, time.time() - t0)
+    # The teachers' own features, through the same measures: what the students could reach.
+    teachers = {Path(t).name: evaluate(run, work, size, ROOT / t, f"teacher-{Path(t).name}", 0, out=work / "teachers" / Path(t).name) for t in TEACHERS}
+    text = report(work, size, arm_list, results, seeds, mode, time.time() - t0, teachers)
     print(text)
     # Every cell must come from a run: a missing number is a failure, not a dash.
     missing = [f"arm {k} seed {s}: {m}" for (k, s), r in results.items() for m in
                [f"finetune {f}" for f, v in r["finetune"].items() if not (v.get("eval") or {}).get("segmentation" if f.startswith("seg") else "depth")]
                + (["learning curve"] if len(r["curve"]) < 2 else [])]
+    missing += [f"teacher {t}: finetune {f}" for t, r in teachers.items() for f, v in r["finetune"].items()
+                if not (v.get("eval") or {}).get("segmentation" if f.startswith("seg") else "depth")]
     if missing or "–" in text:
         raise SystemExit("the experiment is incomplete: " + "; ".join(missing or ["a table cell has no value"]))
     log(f"wrote {work / 'RESULTS.md'}, {work / 'results.json'}, {work / 'learning_curves.svg'}")
