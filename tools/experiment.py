@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
     "quick": dict(world=600, heldout=300, rows_per_shard=150, views=10, captions=5, steps=300, batch=32,
-                  eval_every=50, ft_steps=150, ft_batch=16, seeds=3),
+                  eval_every=50, ft_steps=100, ft_batch=16, seeds=3),
     "full": dict(world=4000, heldout=1000, rows_per_shard=500, views=10, captions=5, steps=3000, batch=64,
                  eval_every=250, ft_steps=1000, ft_batch=16, seeds=3),
 }
