@@ -132,42 +132,43 @@ impl ShardSet {
     /// Number of rows training uses: ok, and past the CLIP-score filter when there is one (for
     /// `train.epochs`).
     pub fn count_ok(&self) -> Result<u64> {
-        let min = self.min_clip_score;
-        Ok(self.ok_scores()?.iter().filter(|s| min.is_none_or(|m| s.is_some_and(|s| s >= m))).count() as u64)
+        Ok(match self.min_clip_score {
+            None => self.ok_scores(false)?.len() as u64,
+            Some(m) => self.ok_scores(true)?.iter().filter(|s| s.is_some_and(|s| s >= m)).count() as u64,
+        })
     }
 
-    /// The `clip_score` of every ok row (None where the row has no alt-text, or the shards no
-    /// `clip_score` column and no filter asks for it).
-    pub fn ok_scores(&self) -> Result<Vec<Option<f32>>> {
+    /// One entry per ok row: its `clip_score` when `scores` asks for them (None where the row
+    /// has no alt-text), else None.
+    pub fn ok_scores(&self, scores: bool) -> Result<Vec<Option<f32>>> {
+        let cols: &[&str] = if scores { &["status", "clip_score"] } else { &["status"] };
         let mut out = Vec::new();
         for f in &self.files {
-            let cols: &[&str] = if self.min_clip_score.is_some() { &["status", "clip_score"] } else { &["status"] };
             for b in read_columns(f, cols, 8192)? {
                 let b = b?;
                 let s = col::<StringArray>(&b, "status", f)?;
-                let scores = if cols.len() == 2 { Some(col::<Float32Array>(&b, "clip_score", f)?) } else { None };
+                let sc = if scores { Some(col::<Float32Array>(&b, "clip_score", f)?) } else { None };
                 for i in 0..b.num_rows() {
                     if !s.is_null(i) && s.value(i) == "ok" {
-                        out.push(scores.and_then(|c| (!c.is_null(i)).then(|| c.value(i))));
+                        out.push(sc.and_then(|c| (!c.is_null(i)).then(|| c.value(i))));
                     }
                 }
             }
         }
         Ok(out)
     }
+}
 
-    /// The `clip_score` above which `fraction` of the ok rows with an alt-text lie (DataComp's
-    /// "top 30%" is 0.3), and how many rows have a score.
-    pub fn score_quantile(&self, fraction: f64) -> Result<(f32, usize)> {
-        let probe = ShardSet { min_clip_score: Some(f32::NEG_INFINITY), ..self.clone() };
-        let mut scores: Vec<f32> = probe.ok_scores()?.into_iter().flatten().collect();
-        if scores.is_empty() {
-            return Err(Error::input(Path::new(&self.spec), "has no ok rows with a clip_score (no alt-text, or no score stage) to filter on"));
-        }
-        scores.sort_by(|a, b| b.total_cmp(a));
-        let keep = ((scores.len() as f64 * fraction).ceil() as usize).clamp(1, scores.len());
-        Ok((scores[keep - 1], scores.len()))
+/// The `clip_score` above which `fraction` of the scored rows lie (DataComp's "top 30%" is 0.3);
+/// None when no row has a score.
+pub fn score_quantile(scores: &[Option<f32>], fraction: f64) -> Option<f32> {
+    let mut v: Vec<f32> = scores.iter().flatten().copied().collect();
+    if v.is_empty() {
+        return None;
     }
+    v.sort_by(|a, b| b.total_cmp(a));
+    let keep = ((v.len() as f64 * fraction).ceil() as usize).clamp(1, v.len());
+    Some(v[keep - 1])
 }
 
 /// Record batches of the named columns of one file.

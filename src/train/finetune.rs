@@ -74,6 +74,16 @@ pub enum DenseTask {
     Depth,
 }
 
+impl DenseTask {
+    /// Whether a row carries this task's label (a mask, or a depth map).
+    pub fn labels(self, r: &DenseRow) -> bool {
+        match self {
+            DenseTask::Segmentation => r.mask.is_some(),
+            DenseTask::Depth => r.depth.is_some(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadKind {
@@ -554,14 +564,7 @@ impl Finetuner {
 
     /// Scores on a dense set (its labelled images).
     pub fn evaluate(&self, set: &DenseSet, batch: usize) -> Result<DenseHeadScores> {
-        let rows: Vec<&DenseRow> = set
-            .rows
-            .iter()
-            .filter(|r| match self.task {
-                DenseTask::Segmentation => r.mask.is_some(),
-                DenseTask::Depth => r.depth.is_some(),
-            })
-            .collect();
+        let rows: Vec<&DenseRow> = set.rows.iter().filter(|r| self.task.labels(r)).collect();
         let mut conf = Confusion::new(self.classes.len(), self.ignore);
         let mut derr = DepthErrors::default();
         for chunk in rows.chunks(batch.max(1)) {
@@ -619,11 +622,7 @@ impl Finetuner {
                 format!("declares the classes [{}], but the head was trained on [{}]", set.spec.classes.join(", "), self.classes.join(", ")),
             ));
         }
-        let wanted = |r: &&DenseRow| match self.task {
-            DenseTask::Segmentation => r.mask.is_some(),
-            DenseTask::Depth => r.depth.is_some(),
-        };
-        if !set.rows.iter().any(|r| wanted(&r)) {
+        if !set.rows.iter().any(|r| self.task.labels(r)) {
             return Err(Error::input(&set.path, format!("has no {:?} labels to measure the head on", self.task)));
         }
         self.evaluate(set, batch)
@@ -757,14 +756,7 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool, resume: bool) -> R
         return Err(super::config::config_error(label, problems));
     }
     let (train, student) = (train.expect("checked"), student.expect("checked"));
-    let labelled: Vec<&DenseRow> = train
-        .rows
-        .iter()
-        .filter(|r| match cfg.task {
-            DenseTask::Segmentation => r.mask.is_some(),
-            DenseTask::Depth => r.depth.is_some(),
-        })
-        .collect();
+    let labelled: Vec<&DenseRow> = train.rows.iter().filter(|r| cfg.task.labels(r)).collect();
     if labelled.is_empty() {
         return Err(Error::input(&train.path, format!("has no {:?} labels", cfg.task)));
     }

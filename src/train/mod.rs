@@ -216,14 +216,19 @@ pub fn plan(config: TrainConfig, label: &str) -> Result<TrainPlan> {
     let mut shards = shards.expect("no problems");
     let mut filter = None;
     if config.data.min_clip_score.is_some() || config.data.clip_score_top_fraction.is_some() {
+        // One read of the ok rows' scores serves the quantile and both counts.
+        let scores = shards.ok_scores(true)?;
         let mut min = config.data.min_clip_score.map(|m| m as f32).unwrap_or(f32::NEG_INFINITY);
         if let Some(f) = config.data.clip_score_top_fraction {
-            let (q, _) = shards.score_quantile(f).map_err(|e| config::config_error(label, vec![Problem { path: "data.clip_score_top_fraction".into(), message: e.to_string() }]))?;
+            let q = data::score_quantile(&scores, f).ok_or_else(|| {
+                let message = format!("{}: has no ok rows with a clip_score (no alt-text, or no score stage) to filter on", shards.spec);
+                config::config_error(label, vec![Problem { path: "data.clip_score_top_fraction".into(), message }])
+            })?;
             min = min.max(q);
         }
         shards.min_clip_score = Some(min);
-        let ok_rows = ShardSet { min_clip_score: None, ..shards.clone() }.count_ok()?;
-        let kept_rows = shards.count_ok()?;
+        let ok_rows = scores.len() as u64;
+        let kept_rows = scores.iter().filter(|s| s.is_some_and(|s| s >= min)).count() as u64;
         if kept_rows == 0 {
             let path = if config.data.min_clip_score.is_some() { "data.min_clip_score" } else { "data.clip_score_top_fraction" };
             return Err(config::config_error(label, vec![Problem { path: path.into(), message: format!("keeps none of the {ok_rows} ok rows (clip_score >= {min})") }]));
