@@ -868,3 +868,50 @@ pub fn run(cfg: &FinetuneConfig, label: &str, progress: bool, resume: bool) -> R
     std::fs::write(&sp, serde_json::to_string_pretty(&s).expect("json")).map_err(|e| Error::io("cannot write", &sp, e))?;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// Every head tensor, and in `mode: full` every image-tower tensor, gets a non-zero gradient,
+    /// for both heads and both tasks.
+    #[test]
+    fn every_trainable_tensor_gets_a_gradient() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let yaml = std::fs::read_to_string(root.join("pipelines/finetune-tiny.yaml")).unwrap();
+        let spec = super::super::dense::DenseSpec {
+            version: 1,
+            classes: ["background", "circle", "square"].iter().map(|s| s.to_string()).collect(),
+            ignore_index: None,
+            depth_scale: 0.001,
+            depth_unit: None,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for kind in ["linear", "decoder"] {
+            for task in ["segmentation", "depth"] {
+                let sets = [format!("head.kind={kind}"), format!("task={task}"), "mode=full".to_string()];
+                let cfg = parse_str(&yaml, "test", &sets).unwrap();
+                let student = StudentModel::load(&root.join("models/shapeworld-clip-a")).unwrap();
+                let ft = Finetuner::new(student, &cfg, &spec).unwrap();
+                let s = ft.size();
+                let px: Vec<f32> = (0..2 * 3 * s * s).map(|_| rng.random_range(-1.5..1.5)).collect();
+                let b = DenseBatch {
+                    pixels: Tensor::from_vec(px, (2, 3, s, s), &Device::Cpu).unwrap(),
+                    labels: (0..2 * s * s).map(|_| rng.random_range(0..3u32)).collect(),
+                    depth: (0..2 * s * s).map(|_| rng.random_range(1.0..10.0f32)).collect(),
+                };
+                let grads = ft.loss(&b).unwrap().backward().unwrap();
+                let trained = ft.head.vars.iter().chain(ft.student.clip.params.vars.iter().filter(|(k, _)| k.starts_with("vision_model.")));
+                let mut n = 0;
+                for (name, v) in trained {
+                    let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{kind} {task}: {name} got no gradient"));
+                    let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                    assert!(norm > 0.0 && norm.is_finite(), "{kind} {task}: {name} gradient norm² {norm}");
+                    n += 1;
+                }
+                assert!(n > ft.head.vars.len() + 10, "{kind} {task}: only {n} tensors checked");
+            }
+        }
+    }
+}
