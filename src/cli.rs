@@ -135,11 +135,23 @@ pub struct ValidateArgs {
 
 #[derive(Debug, Args)]
 pub struct QueryArgs {
-    /// The SQL statement; the shards are the table `shards`.
-    pub sql: String,
-    /// Directory of shards.
+    /// The SQL statement: the shards are the table `shards`, their stats the table `stats`
+    /// (see `\df` in the shell for the embedding functions). Without it: an interactive shell,
+    /// or the statements on stdin.
+    pub sql: Option<String>,
+    /// Directory of shards, a glob of shard files, or one file.
     #[arg(long, default_value = "recap-demo/shards")]
     pub shards: PathBuf,
+    /// Output format.
+    #[cfg(feature = "query")]
+    #[arg(long, value_enum, default_value_t = crate::query::Format::Table)]
+    pub format: crate::query::Format,
+    /// Write the result to this file instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Print the time taken and the bytes read from the shard files (to stderr).
+    #[arg(long)]
+    pub timing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +192,10 @@ pub struct SynthGenerate {
     /// Number of deliberately corrupt image files.
     #[arg(long, default_value_t = 0)]
     pub corrupt: u64,
+    /// The last N samples are planted duplicates of earlier ones, alternately exact (same bytes)
+    /// and near (re-encoded, slightly brighter); urls.parquet's duplicate_of names the original.
+    #[arg(long, default_value_t = 0)]
+    pub duplicates: u64,
     /// Alt-text noise mix, e.g. clean=0.3,partial=0.2,wrong_attribute=0.2,unrelated=0.1,spam=0.1,filename=0.1
     #[arg(long)]
     pub noise: Option<String>,
@@ -420,8 +436,19 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "query")]
         Command::Query(a) => {
-            let batches = crate::query::run_sql(&a.shards, &a.sql).await?;
-            out!("{}", crate::query::format_table(&batches)?)
+            let (ctx, info) = crate::query::session(&a.shards).await?;
+            match &a.sql {
+                Some(sql) => {
+                    let t = std::time::Instant::now();
+                    let r = crate::query::execute(&ctx, sql).await?;
+                    crate::query::write_result(&r, a.format, a.output.as_deref())?;
+                    if a.timing {
+                        eprintln!("{:.3}s, {} bytes read from {} shard file(s)", t.elapsed().as_secs_f64(), r.bytes_scanned, info.files.len());
+                    }
+                    Ok(())
+                }
+                None => crate::query::shell::run(&ctx, &info, &a.shards, a.format).await,
+            }
         }
         Command::Synth(a) => match a.serve {
             Some(SynthCommand::Serve(s)) => serve_world(s).await,
@@ -435,6 +462,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     max_size: g.max_size,
                     png_fraction: g.png_fraction,
                     corrupt: g.corrupt,
+                    duplicates: g.duplicates,
                     ..Default::default()
                 };
                 if let Some(n) = &g.noise {
@@ -513,15 +541,16 @@ async fn demo(a: DemoArgs) -> Result<()> {
     #[cfg(feature = "query")]
     {
     let sql = "SELECT status, count(*) AS rows, min(reason) AS example_reason FROM shards GROUP BY status ORDER BY rows DESC";
-    let batches = crate::query::run_sql(&shards, sql).await?;
+    let (ctx, _) = crate::query::session(&shards).await?;
+    let r = crate::query::execute(&ctx, sql).await?;
     out!("\n4. recap query --shards {} \"{sql}\"", shards.display())?;
-    out!("{}", crate::query::format_table(&batches)?)?;
+    out!("{}", crate::query::format_table(&r.batches, &r.schema)?)?;
     // Shapeworld records how each alt-text was made: what did the CLIP-score filter keep?
     let sql = "SELECT noise, count(*) FILTER (WHERE status = 'ok') AS kept, count(*) FILTER (WHERE status = 'filtered') AS filtered, \
                round(avg(clip_score), 3) AS mean_clip_score FROM shards WHERE clip_score IS NOT NULL GROUP BY noise ORDER BY mean_clip_score DESC";
-    let batches = crate::query::run_sql(&shards, sql).await?;
+    let r = crate::query::execute(&ctx, sql).await?;
     out!("\n5. the alt-text noise kinds shapeworld recorded, against the CLIP-score filter:\n   recap query --shards {} \"{sql}\"", shards.display())?;
-    out!("{}", crate::query::format_table(&batches)?)?;
+    out!("{}", crate::query::format_table(&r.batches, &r.schema)?)?;
     }
     Ok(())
 }

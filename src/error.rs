@@ -71,6 +71,10 @@ pub enum Error {
     #[error("model {path}: {message}")]
     Model { path: String, message: String },
 
+    /// A SQL statement failed to plan or run (DataFusion's message, said once).
+    #[error("SQL: {0}")]
+    Sql(String),
+
     /// A command-line argument or environment variable is wrong.
     #[error("{0}")]
     Usage(String),

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, FixedSizeListArray, Float32Array, ListArray};
+use arrow::array::{Array, FixedSizeListArray, Float32Array, ListArray, StringArray};
 use recap::augment::{self, AugmentSpec, ViewParams};
 use recap::models::{Captioner, Clip, Decoding, EarlyStopping, GenerateOptions, SessionOptions};
 use serde_json::Value;
@@ -304,6 +304,44 @@ filter:
     assert_eq!(v["ok"], ok);
     assert!(v["max_norm_err"].as_f64().unwrap() < 5e-3, "{v}");
     assert!(v["max_score_err"].as_f64().unwrap() < 5e-3, "{v}");
+
+    // The tools users already have: pyarrow, DuckDB, polars and Hugging Face `datasets` open the
+    // same shards and agree on rows per status, on one decoded image and on its embedding.
+    let output = std::process::Command::new(&python).arg("tests/interop/tools.py").arg(&out).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let t: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for f in std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet")) {
+        let (b, _) = recap::sink::read_shard(&f).unwrap();
+        let st = b.column_by_name("status").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+        for i in 0..st.len() {
+            *want.entry(st.value(i).to_string()).or_insert(0u64) += 1;
+        }
+    }
+    let want = serde_json::to_value(&want).unwrap();
+    for tool in ["pyarrow", "duckdb", "polars", "datasets"] {
+        assert_eq!(t["counts"][tool], want, "{tool}: {t}");
+        assert_eq!(t["embedding"][tool], t["embedding"]["pyarrow"], "{tool}: {t}");
+    }
+    assert_eq!(t["datasets_image_type"], "PIL.JpegImagePlugin.JpegImageFile", "{t}");
+    assert_eq!(t["datasets_features"]["image"], "Image(mode=None, decode=True)", "{t}");
+    assert_eq!(t["datasets_features"]["image_embeddings"], "List(List(Value('float16'), length=112))", "{t}");
+    assert!(t["datasets_captions"].as_array().unwrap().iter().all(|c| c.is_string()), "{t}");
+    assert!(t["pyarrow_metadata_keys"].as_array().unwrap().iter().any(|k| k == "huggingface"), "{t}");
+    assert!(t["duckdb_cosine"].as_f64().unwrap().abs() < 5e-3, "{t}");
+    // The same image decoded here (zune-jpeg) and by PIL (libjpeg): same size, same mean pixel
+    // within rounding differences of the two IDCTs.
+    let key = t["first_ok_key"].as_str().unwrap();
+    let r = recap::query::run_sql(&out, &format!("SELECT image['bytes'] AS b FROM shards WHERE key = '{key}'")).await.unwrap();
+    let bytes = r[0].column(0).as_any().downcast_ref::<arrow::array::BinaryArray>().unwrap().value(0).to_vec();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    let mean = img.as_raw().iter().map(|&x| x as f64).sum::<f64>() / img.as_raw().len() as f64;
+    let first = t["image"]["pyarrow+PIL"].clone();
+    assert_eq!(first["size"], serde_json::json!([img.width(), img.height()]));
+    for tool in ["duckdb+PIL", "polars+PIL", "datasets"] {
+        assert_eq!(t["image"][tool], first, "{tool}: {t}");
+    }
+    assert!((first["mean"].as_f64().unwrap() - mean).abs() < 0.5, "PIL mean {} vs {mean}", first["mean"]);
 }
 
 #[test]

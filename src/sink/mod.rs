@@ -339,7 +339,17 @@ impl ShardWriter {
         let _ = std::fs::remove_file(&paths.done);
         let tmp = self.dir.join(format!(".{shard:05}.parquet.tmp"));
         let file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone()))
+        // The file's metadata also goes on the Arrow schema, where pyarrow, polars and
+        // `datasets` look for it (they read ARROW:schema, not the Parquet key-value pairs).
+        let mut meta: std::collections::HashMap<String, String> = self
+            .props
+            .key_value_metadata()
+            .map(|kv| kv.iter().filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v))).collect())
+            .unwrap_or_default();
+        meta.insert("huggingface".into(), schema::huggingface_features(&batch.schema()).to_string());
+        let with_meta = Arc::new(batch.schema().as_ref().clone().with_metadata(meta));
+        let batch = &batch.clone().with_schema(with_meta.clone()).map_err(|e| Error::data("shard schema metadata", e))?;
+        let mut w = ArrowWriter::try_new(file, with_meta, Some(self.props.clone()))
             .map_err(|e| Error::data(format!("opening {}", tmp.display()), e))?;
         w.write(batch).map_err(|e| Error::data(format!("writing {}", tmp.display()), e))?;
         let file = w.into_inner().map_err(|e| Error::data(format!("finishing {}", tmp.display()), e))?;
@@ -353,6 +363,30 @@ impl ShardWriter {
         write_atomic(&paths.done, &serde_json::to_vec(&marker).expect("marker serialises"))?;
         Ok(bytes)
     }
+}
+
+/// The shard files a `--shards` argument names: a directory's `*.parquet` (hidden temporaries
+/// skipped), a glob, or one file; sorted. None found is an error that says what was expected.
+pub fn list_shards(spec: &str) -> Result<Vec<PathBuf>> {
+    let p = Path::new(spec);
+    let mut files: Vec<PathBuf> = if p.is_dir() {
+        std::fs::read_dir(p)
+            .map_err(|e| Error::io("cannot list shards in", p, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.extension().is_some_and(|x| x == "parquet") && !f.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect()
+    } else if spec.contains(['*', '?', '[']) {
+        glob::glob(spec).map_err(|e| Error::Usage(format!("{spec}: not a valid glob: {e}")))?.filter_map(|r| r.ok()).filter(|f| f.is_file()).collect()
+    } else if p.is_file() {
+        vec![p.to_path_buf()]
+    } else {
+        return Err(Error::input(p, "no such directory or file; expected a directory of shards (the output.path of `recap run`)"));
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::input(p, "holds no shards (*.parquet); expected the output directory of `recap run`"));
+    }
+    Ok(files)
 }
 
 /// Write a small file under a temporary name and rename it into place.

@@ -148,6 +148,49 @@ pub fn reinforced_fields(caption: bool, score: bool, dim: usize) -> Vec<Field> {
         .collect()
 }
 
+/// Hugging Face `datasets` features for a shard schema, as the `huggingface` schema metadata
+/// (`{"info": {"features": ...}}`) that `datasets.load_dataset("parquet", ...)` reads: `image`
+/// as an `Image` feature (decoded to PIL), strings as strings, embeddings as fixed-length lists.
+pub fn huggingface_features(schema: &arrow::datatypes::Schema) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    fn feature(name: &str, t: &DataType) -> Value {
+        match t {
+            DataType::Struct(fields) if name == "image" && fields.iter().map(|f| f.name().as_str()).eq(["bytes", "path"]) => {
+                json!({"_type": "Image"})
+            }
+            DataType::Struct(fields) => {
+                let m: Map<String, Value> = fields.iter().map(|f| (f.name().clone(), feature(f.name(), f.data_type()))).collect();
+                Value::Object(m)
+            }
+            DataType::List(f) | DataType::LargeList(f) => json!({"feature": feature(f.name(), f.data_type()), "_type": "List"}),
+            DataType::FixedSizeList(f, n) => json!({"feature": feature(f.name(), f.data_type()), "length": n, "_type": "List"}),
+            t => {
+                let dtype = match t {
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "string",
+                    DataType::Binary | DataType::LargeBinary => "binary",
+                    DataType::Boolean => "bool",
+                    DataType::Float16 => "float16",
+                    DataType::Float32 => "float32",
+                    DataType::Float64 => "float64",
+                    DataType::Int8 => "int8",
+                    DataType::Int16 => "int16",
+                    DataType::Int32 => "int32",
+                    DataType::Int64 => "int64",
+                    DataType::UInt8 => "uint8",
+                    DataType::UInt16 => "uint16",
+                    DataType::UInt32 => "uint32",
+                    DataType::UInt64 => "uint64",
+                    DataType::Null => "null",
+                    _ => "string",
+                };
+                json!({"dtype": dtype, "_type": "Value"})
+            }
+        }
+    }
+    let features: Map<String, Value> = schema.fields().iter().map(|f| (f.name().clone(), feature(f.name(), f.data_type()))).collect();
+    json!({"info": {"features": features}})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

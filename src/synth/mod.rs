@@ -33,7 +33,7 @@ pub fn parse_faults(s: &str) -> std::result::Result<Vec<(String, u64)>, String> 
 }
 
 /// Write `<dir>/urls.parquet`: one row per sample (`url`, `caption` = alt-text, `id`, `noise`,
-/// `fault`, `true_caption`, `width`, `height`), URLs under `base_url`, faults on rows chosen with `seed`.
+/// `fault`, `true_caption`, `width`, `height`, `duplicate_of`: the sample a planted duplicate copies), URLs under `base_url`, faults on rows chosen with `seed`.
 pub fn write_url_list(dir: &Path, base_url: &str, faults: &[(String, u64)], seed: u64) -> Result<PathBuf> {
     let samples = load_samples(dir)?;
     let mut order: Vec<usize> = (0..samples.len()).filter(|&i| !samples[i].corrupt).collect();
@@ -69,6 +69,7 @@ pub fn write_url_list(dir: &Path, base_url: &str, faults: &[(String, u64)], seed
         Arc::new(samples.iter().map(|s| Some(s.caption.as_str())).collect::<StringArray>()),
         Arc::new(samples.iter().map(|s| s.width).collect::<UInt32Array>()),
         Arc::new(samples.iter().map(|s| s.height).collect::<UInt32Array>()),
+        Arc::new(samples.iter().map(|s| s.duplicate_of).collect::<UInt64Array>()),
     ];
     let schema = Arc::new(Schema::new(vec![
         Field::new("url", DataType::Utf8, false),
@@ -79,6 +80,7 @@ pub fn write_url_list(dir: &Path, base_url: &str, faults: &[(String, u64)], seed
         Field::new("true_caption", DataType::Utf8, false),
         Field::new("width", DataType::UInt32, false),
         Field::new("height", DataType::UInt32, false),
+        Field::new("duplicate_of", DataType::UInt64, true),
     ]));
     let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::data("url list", e))?;
     let path = dir.join("urls.parquet");

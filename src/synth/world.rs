@@ -66,6 +66,13 @@ pub struct Sample {
     pub noise: String,
     /// The image file is deliberately corrupt (undecodable).
     pub corrupt: bool,
+    /// A planted duplicate: the id of the sample whose scene it shows (`WorldSpec::duplicates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<u64>,
+    /// `exact` (the same file bytes) or `near` (the scene re-encoded at another JPEG quality,
+    /// slightly brighter: another SHA-256, a phash a few bits away).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<String>,
 }
 
 /// What to generate.
@@ -82,6 +89,10 @@ pub struct WorldSpec {
     pub corrupt: u64,
     /// Weights of the alt-text noise kinds, in [`NOISE_KINDS`] order.
     pub noise_weights: [f64; 6],
+    /// The last this-many samples are duplicates of earlier ones, alternately exact (the same
+    /// bytes and alt-text: a repost) and near (re-encoded, its own alt-text): what `recap dedup`
+    /// should find.
+    pub duplicates: u64,
 }
 
 impl Default for WorldSpec {
@@ -94,6 +105,7 @@ impl Default for WorldSpec {
             png_fraction: 0.1,
             corrupt: 0,
             noise_weights: [0.3, 0.2, 0.2, 0.1, 0.1, 0.1],
+            duplicates: 0,
         }
     }
 }
@@ -300,12 +312,55 @@ pub fn sample(spec: &WorldSpec, id: u64) -> Sample {
         alt_text: alt,
         noise: noise.into(),
         corrupt,
+        duplicate_of: None,
+        duplicate: None,
     }
+}
+
+/// Sample `id`, planted as a duplicate when it is among the last `spec.duplicates`: the scene of
+/// an earlier, non-corrupt sample (chosen by the seed), under its own name and alt-text.
+pub fn planned_sample(spec: &WorldSpec, id: u64) -> Sample {
+    let own = sample(spec, id);
+    let base = spec.count.saturating_sub(spec.duplicates);
+    if id < base || base == 0 {
+        return own;
+    }
+    let mut rng = rng_for(spec.seed, id, 3);
+    let mut src = rng.random_range(0..base);
+    while sample(spec, src).corrupt {
+        src = (src + 1) % base;
+    }
+    let mut s = sample(spec, src);
+    let exact = (id - base) % 2 == 0;
+    let ext = if exact { s.file.rsplit('.').next().unwrap_or("jpg").to_string() } else { "jpg".to_string() };
+    s.id = id;
+    s.file = format!("images/{id:06}.{ext}");
+    s.mask = format!("masks/{id:06}.png");
+    s.depth = format!("depth/{id:06}.png");
+    // An exact copy is a repost (same image, same alt-text); a near copy carries its own alt-text.
+    if !exact {
+        s.alt_text = own.alt_text;
+        s.noise = own.noise;
+    }
+    s.corrupt = false;
+    s.duplicate_of = Some(src);
+    s.duplicate = Some(if exact { "exact" } else { "near" }.to_string());
+    s
 }
 
 /// Encode a rendered sample's image as its file format (or corrupt bytes).
 pub fn image_bytes(sample: &Sample, img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = Vec::new();
+    if sample.duplicate.as_deref() == Some("near") {
+        let brighter = RgbImage::from_fn(img.width(), img.height(), |x, y| {
+            let p = img.get_pixel(x, y).0;
+            image::Rgb(p.map(|c| c.saturating_add(6)))
+        });
+        jpeg_encoder::Encoder::new(&mut out, 70)
+            .encode(brighter.as_raw(), img.width() as u16, img.height() as u16, jpeg_encoder::ColorType::Rgb)
+            .map_err(|e| Error::Internal(format!("jpeg encode: {e}")))?;
+        return Ok(out);
+    }
     if sample.file.ends_with(".png") {
         use image::ImageEncoder;
         image::codecs::png::PngEncoder::new_with_quality(
@@ -340,7 +395,7 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
     let made: Vec<(Sample, Option<EvalRow>)> = (0..spec.count)
         .into_par_iter()
         .map(|id| -> Result<(Sample, Option<EvalRow>)> {
-            let s = sample(spec, id);
+            let s = planned_sample(spec, id);
             let (img, mask, depth) = render(&s);
             let bytes = image_bytes(&s, &img)?;
             let eval = if s.corrupt { None } else { Some(eval_row(&img, &mask, &depth)?) };
@@ -366,7 +421,7 @@ pub fn generate(dir: &Path, spec: &WorldSpec) -> Result<Vec<Sample>> {
     let spec_path = dir.join("world.json");
     let spec_json = serde_json::json!({
         "count": spec.count, "seed": spec.seed, "min_size": spec.min_size, "max_size": spec.max_size,
-        "png_fraction": spec.png_fraction, "corrupt": spec.corrupt,
+        "png_fraction": spec.png_fraction, "corrupt": spec.corrupt, "duplicates": spec.duplicates,
         "noise": NOISE_KINDS.iter().zip(spec.noise_weights).map(|(k, w)| (k.to_string(), w)).collect::<std::collections::BTreeMap<_, _>>(),
     });
     std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec_json).expect("json")).map_err(|e| Error::io("cannot write", &spec_path, e))?;

@@ -93,24 +93,8 @@ pub fn inspect(path: &Path) -> Result<(Vec<Teacher>, bool)> {
 impl ShardSet {
     /// A directory of `*.parquet` shards (hidden temporaries skipped) or a glob.
     pub fn open(spec: &str) -> Result<ShardSet> {
-        let p = Path::new(spec);
-        let mut files: Vec<PathBuf> = if p.is_dir() {
-            std::fs::read_dir(p)
-                .map_err(|e| Error::io("cannot list shards in", p, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "parquet") && !f.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-                .collect()
-        } else if spec.contains(['*', '?', '[']) {
-            glob::glob(spec).map_err(|e| Error::Usage(format!("{spec}: not a valid glob: {e}")))?.filter_map(|r| r.ok()).collect()
-        } else if p.is_file() {
-            vec![p.to_path_buf()]
-        } else {
-            return Err(Error::input(p, "no such directory or file; expected a directory of reinforced shards"));
-        };
-        files.sort();
-        let Some(first) = files.first() else {
-            return Err(Error::input(p, "holds no shards (*.parquet); expected the output directory of `recap run`"));
-        };
+        let files = crate::sink::list_shards(spec)?;
+        let first = &files[0];
         let (teachers, synthetic) = inspect(first)?;
         let dim = teachers.iter().map(|t| t.dim).sum();
         Ok(ShardSet { files, teachers, dim, synthetic, spec: spec.to_string(), min_clip_score: None })
