@@ -32,6 +32,9 @@ pub enum Command {
     /// Run SQL over a directory of shards (the table is called `shards`).
     #[cfg(feature = "query")]
     Query(QueryArgs),
+    /// Find exact, near (phash) and optionally semantic duplicates across a run's shards; mark
+    /// all but the first of each group `duplicate`, the kept row's key in the reason.
+    Dedup(DedupArgs),
     /// Generate a shapeworld (images, masks, depth, captions, URL list), or serve one.
     Synth(SynthArgs),
     /// Generate a small shapeworld, serve it on loopback, run pipelines/demo.yaml on it.
@@ -131,6 +134,29 @@ pub struct ValidateArgs {
     pub pipeline: PathBuf,
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DedupArgs {
+    /// Directory of shards (or a glob of shard files): all are deduplicated together.
+    #[arg(long)]
+    pub shards: String,
+    /// Near duplicates: perceptual hashes at most this many bits apart (0-15).
+    #[arg(long, default_value_t = 4)]
+    pub near_bits: u32,
+    /// Only exact duplicates (same SHA-256 of the downloaded bytes).
+    #[arg(long)]
+    pub exact_only: bool,
+    /// Also semantic duplicates: the teachers' embeddings of the original images at or above
+    /// this cosine (e.g. 0.95), compared within k-means clusters (SemDeDup).
+    #[arg(long, value_name = "COSINE")]
+    pub semantic: Option<f32>,
+    /// Rows per k-means cluster in semantic mode.
+    #[arg(long, default_value_t = 1000)]
+    pub cluster_size: usize,
+    /// Report what would be marked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -448,6 +474,32 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 None => crate::query::shell::run(&ctx, &info, &a.shards, a.format).await,
+            }
+        }
+        Command::Dedup(a) => {
+            let opts = crate::dedup::DedupOptions {
+                near_bits: (!a.exact_only).then_some(a.near_bits),
+                semantic: a.semantic,
+                cluster_size: a.cluster_size,
+                dry_run: a.dry_run,
+            };
+            let s = tokio::task::spawn_blocking(move || crate::dedup::dedup(&a.shards, &opts)).await.map_err(|e| Error::Internal(e.to_string()))??;
+            out!(
+                "{} rows in {} shard file(s), {} ok; duplicates found: {} exact, {} near, {} semantic ({:.2}s)",
+                s.rows, s.files, s.ok_rows, s.exact, s.near, s.semantic, s.seconds_find
+            )?;
+            for f in s.found.iter().take(10) {
+                out!("  {}  {}", f.key, f.reason())?;
+            }
+            if s.found.len() > 10 {
+                out!("  ... and {} more (recap query \"SELECT key, reason FROM shards WHERE status = 'duplicate'\")", s.found.len() - 10)?;
+            }
+            if s.dry_run {
+                out!("dry run: nothing written")
+            } else if s.shards_rewritten.is_empty() {
+                out!("nothing to mark: no shard changed")
+            } else {
+                out!("marked {} rows duplicate; rewrote {} shard(s) in {:.2}s", s.found.len(), s.shards_rewritten.len(), s.seconds_write)
             }
         }
         Command::Synth(a) => match a.serve {

@@ -4,6 +4,7 @@
 
 pub mod augment;
 pub mod config;
+pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod fetch;

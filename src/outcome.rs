@@ -39,10 +39,13 @@ pub enum Status {
     /// Processed, then removed by a `filter` threshold (the reason names it); the image is
     /// dropped, captions and scores are kept.
     Filtered,
+    /// Marked by `recap dedup`: the same image (sha256), a near copy (phash) or, optionally, a
+    /// semantic duplicate (teacher embedding) of the row named in the reason, which is kept.
+    Duplicate,
 }
 
 impl Status {
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 16] = [
         Status::Ok,
         Status::InvalidUrl,
         Status::Blocked,
@@ -58,6 +61,7 @@ impl Status {
         Status::BadAspect,
         Status::EncodeFailed,
         Status::Filtered,
+        Status::Duplicate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +81,7 @@ impl Status {
             Status::BadAspect => "bad_aspect",
             Status::EncodeFailed => "encode_failed",
             Status::Filtered => "filtered",
+            Status::Duplicate => "duplicate",
         }
     }
 

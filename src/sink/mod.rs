@@ -81,6 +81,16 @@ pub struct ShardStats {
     /// Runs of `--retry-failed` on this shard: rows re-attempted and rows that came back ok.
     #[serde(default)]
     pub retried: RetryStats,
+    /// Rows `recap dedup` marked duplicate in this shard, by kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupStats>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupStats {
+    pub exact: u64,
+    pub near: u64,
+    pub semantic: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -387,6 +397,61 @@ pub fn list_shards(spec: &str) -> Result<Vec<PathBuf>> {
         return Err(Error::input(p, "holds no shards (*.parquet); expected the output directory of `recap run`"));
     }
     Ok(files)
+}
+
+/// Rewrite an existing shard file with `batch` (same rows, some values changed), atomically as
+/// a run writes one: the completion marker is removed, the Parquet file written under a hidden
+/// temporary name with the original's key-value metadata, schema metadata and compression, then
+/// renamed into place; `update_stats` edits its `NNNNN.stats.json` (when there is one), and the
+/// marker is written back last. A crash midway leaves a shard without its marker, which the
+/// next `recap run` redoes.
+pub fn rewrite_shard(path: &Path, batch: &RecordBatch, update_stats: impl FnOnce(&mut ShardStats)) -> Result<u64> {
+    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
+    let reader = parquet::file::reader::SerializedFileReader::new(file).map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
+    let md = parquet::file::reader::FileReader::metadata(&reader);
+    let kv: Vec<KeyValue> =
+        md.file_metadata().key_value_metadata().map(|m| m.iter().filter(|kv| kv.key != "ARROW:schema").cloned().collect()).unwrap_or_default();
+    let compression = (0..md.num_row_groups())
+        .flat_map(|g| md.row_group(g).columns().iter().map(|c| (c.column_path().string(), c.compression())).collect::<Vec<_>>())
+        .find(|(p, _)| p != "image.bytes")
+        .map(|(_, c)| c)
+        .unwrap_or(parquet::basic::Compression::ZSTD(ZstdLevel::default()));
+    drop(reader);
+    let image_bytes = parquet::schema::types::ColumnPath::new(vec!["image".into(), "bytes".into()]);
+    let props = WriterProperties::builder()
+        .set_compression(compression)
+        .set_column_compression(image_bytes.clone(), parquet::basic::Compression::UNCOMPRESSED)
+        .set_column_dictionary_enabled(image_bytes.clone(), false)
+        .set_column_statistics_enabled(image_bytes, parquet::file::properties::EnabledStatistics::None)
+        .set_max_row_group_row_count(Some(512))
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.parquet").to_string();
+    let stem = name.strip_suffix(".parquet").unwrap_or(&name).to_string();
+    let stats_path = dir.join(format!("{stem}.stats.json"));
+    let done_path = dir.join(format!("{stem}.done"));
+    let marker = std::fs::read(&done_path).ok();
+    let _ = std::fs::remove_file(&done_path);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(|e| Error::data(format!("opening {}", tmp.display()), e))?;
+    w.write(batch).map_err(|e| Error::data(format!("writing {}", tmp.display()), e))?;
+    let f = w.into_inner().map_err(|e| Error::data(format!("finishing {}", tmp.display()), e))?;
+    f.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
+    let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot rename into place", path, e))?;
+    if let Ok(raw) = std::fs::read(&stats_path) {
+        let mut st: ShardStats = serde_json::from_slice(&raw).map_err(|e| Error::input(&stats_path, format!("not a stats file: {e}")))?;
+        update_stats(&mut st);
+        st.bytes_written = bytes;
+        write_atomic(&stats_path, &serde_json::to_vec_pretty(&st).expect("stats serialise"))?;
+    }
+    if let Some(m) = marker {
+        write_atomic(&done_path, &m)?;
+    }
+    Ok(bytes)
 }
 
 /// Write a small file under a temporary name and rename it into place.
