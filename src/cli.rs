@@ -333,6 +333,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 }
                 (Err(e), _) | (_, Err(e)) => return Err(e),
             };
+            crate::engine::sql_filter(&plan, stages.as_ref())?;
             let models = match stages {
                 None => String::new(),
                 Some(s) => {

@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
+#[cfg(feature = "query")]
+use arrow::array::{Array, StringArray, UInt64Array};
 use recap::config;
 use recap::engine::{self, RunOptions, Worker};
 use recap::synth::ServeOptions;
@@ -320,4 +322,56 @@ async fn pyarrow_and_duckdb_read_the_shards() {
     assert_eq!(v["duckdb_ok_with_hashes"], ok);
     assert_eq!(v["codecs"]["image.bytes"], serde_json::json!(["UNCOMPRESSED"]));
     assert_eq!(v["codecs"]["other"], serde_json::json!(["ZSTD"]));
+}
+
+/// `filter: { sql: ... }`: DataFusion evaluates the condition on each shard's rows; ok rows for
+/// which it is not true are filtered with the condition as the reason, the others untouched.
+#[cfg(feature = "query")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_filter_marks_the_rows_it_rejects() {
+    let w = world(24, 1, "404=2", ServeOptions::default()).await;
+    let plain = w.tmp.path().join("plain");
+    engine::run(&config::load(&pipeline(&w, &plain, 8, "", ""), &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let out = w.tmp.path().join("sql");
+    let p = pipeline(&w, &out, 8, "", "");
+    let cond = "original_width >= 100 AND id % 3 <> 0";
+    std::fs::write(&p, std::fs::read_to_string(&p).unwrap() + &format!("filter:\n  sql: \"{cond}\"\n")).unwrap();
+    let s = engine::run(&config::load(&p, &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let rows = |d: &std::path::Path| -> Vec<(u64, String, Option<String>, Option<u32>, bool)> {
+        read_all(d)
+            .into_iter()
+            .flat_map(|(_, b)| {
+                let id = b.column_by_name("id").unwrap().as_any().downcast_ref::<UInt64Array>().unwrap().clone();
+                let st = b.column_by_name("status").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+                let re = b.column_by_name("reason").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+                let ow = b.column_by_name("original_width").unwrap().as_any().downcast_ref::<arrow::array::UInt32Array>().unwrap().clone();
+                let img = b.column_by_name("image").unwrap().clone();
+                (0..b.num_rows())
+                    .map(|i| (id.value(i), st.value(i).to_string(), re.is_valid(i).then(|| re.value(i).to_string()), ow.is_valid(i).then(|| ow.value(i)), img.is_valid(i)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (before, after) = (rows(&plain), rows(&out));
+    assert_eq!(before.len(), 24);
+    let mut filtered = 0;
+    for (b, a) in before.iter().zip(&after) {
+        let pass = b.3.is_some_and(|w| w >= 100) && b.0 % 3 != 0;
+        if b.1 == "ok" && !pass {
+            filtered += 1;
+            assert_eq!(a.1, "filtered", "{a:?}");
+            assert_eq!(a.2.as_deref(), Some(format!("filter.sql: {cond}").as_str()));
+            assert!(!a.4, "a filtered row keeps no image");
+        } else {
+            assert_eq!(a, b);
+        }
+    }
+    assert!(filtered > 0 && s.status.get("filtered").copied() == Some(filtered), "{:?}", s.status);
+
+    // A condition that names no column, or is not a condition, is refused at filter.sql.
+    for (bad, want) in [("clip_scor > 0.3", "the shard's columns are: key, uid, url"), ("width + 1", "needs a condition")] {
+        std::fs::write(&p, std::fs::read_to_string(pipeline(&w, &out, 8, "", "")).unwrap() + &format!("filter:\n  sql: \"{bad}\"\n")).unwrap();
+        let e = engine::run(&config::load(&p, &[]).unwrap(), &RunOptions::default()).await.unwrap_err().to_string();
+        assert!(e.contains("filter.sql") && e.contains(want), "{e}");
+    }
 }

@@ -271,3 +271,25 @@ fn bad_input_is_named() {
     });
     assert!(e.contains("no recap.teachers metadata"), "{e}");
 }
+
+/// `filter.sql` compiles against a shard's schema, embedding functions included, and keeps the
+/// rows the same condition selects in `recap query`.
+#[test]
+fn a_pipeline_sql_filter_agrees_with_the_query() {
+    let (b, _) = recap::sink::read_shard(&shards().join("00000.parquet")).unwrap();
+    let teachers = vec![
+        recap::train::data::Teacher { model: "models/shapeworld-clip-a".into(), dim: 64 },
+        recap::train::data::Teacher { model: "models/shapeworld-clip-b".into(), dim: 48 },
+    ];
+    let cond = "status = 'ok' AND cosine_sim(view(image_embeddings, 0), caption_embedding(text_embeddings, 1)) > 0.5 AND width >= 100";
+    let f = recap::query::filter::SqlFilter::compile(cond, &b.schema(), &teachers).unwrap();
+    let keep = f.keep(&b).unwrap();
+    let r = one(&sql(&format!("SELECT key FROM shards WHERE key LIKE '00000%' AND {cond} ORDER BY key")));
+    let want: Vec<String> = (0..r.num_rows()).map(|i| r.column(0).as_string::<i32>().value(i).to_string()).collect();
+    let key = b.column_by_name("key").unwrap().as_string::<i32>();
+    let got: Vec<String> = (0..b.num_rows()).filter(|&i| keep[i]).map(|i| key.value(i).to_string()).collect();
+    assert_eq!(got, want);
+    assert!(!got.is_empty() && got.len() < b.num_rows());
+    let e = recap::query::filter::SqlFilter::compile("width", &b.schema(), &teachers).unwrap_err();
+    assert!(e.contains("needs a condition"), "{e}");
+}

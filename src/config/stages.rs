@@ -200,6 +200,12 @@ pub struct FilterConfig {
     pub top_percent: Option<f64>,
     #[serde(default = "default_rank_by")]
     pub rank_by: RankBy,
+    /// A SQL condition over the shard's columns (DataFusion; the embedding functions of
+    /// `recap query` included), e.g. `clip_score > 0.28 AND width >= 200`. Applied last, to the
+    /// rows as they are about to be written: ok rows for which it is not true are filtered, the
+    /// condition as the reason.
+    #[serde(default)]
+    pub sql: Option<String>,
 }
 
 fn default_rank_by() -> RankBy {

@@ -69,6 +69,8 @@ struct Ctx {
     fetcher: Fetcher,
     /// The model stages (caption, score, filter), when the pipeline has any.
     stages: Option<Arc<Stages>>,
+    /// `filter.sql`, compiled against the shard schema.
+    sql_filter: Option<Arc<SqlFilter>>,
     global: Semaphore,
     pool: rayon::ThreadPool,
     image: Arc<ImageConfig>,
@@ -89,6 +91,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let cfg = &plan.config;
     // Models load (and are checked) before any row is fetched.
     let stages = Stages::load(cfg, &plan.file)?.map(Arc::new);
+    let sql_filter = sql_filter(plan, stages.as_deref())?;
     let extra = stages.as_ref().map(|s| s.metadata()).unwrap_or_default();
     let writer = Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version, extra)?);
     let fetcher = Fetcher::new(&cfg.download).map_err(Error::Internal)?;
@@ -133,6 +136,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let ctx = Arc::new(Ctx {
         fetcher,
         stages,
+        sql_filter,
         global: Semaphore::new(cfg.download.concurrency as usize),
         pool,
         image: Arc::new(cfg.image.clone()),
@@ -262,14 +266,15 @@ async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: 
     let config_hash = plan.config_hash.clone();
     let input_fields = plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>();
     let stages = ctx.stages.clone();
+    let sql = ctx.sql_filter.clone();
     let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
         let mut outcomes = outcomes;
         let (reinforced, times) = run_stages(stages.as_deref(), &shard.rows, &mut outcomes)?;
+        let t = Instant::now();
+        let batch = filtered_batch(stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &shard.rows, &mut outcomes, &reinforced)?;
         let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
         stats.seconds.caption = times.caption;
         stats.seconds.score = times.score;
-        let t = Instant::now();
-        let batch = shard_batch(stages.as_deref(), &input_fields, index, rps, &shard.rows, &outcomes, &reinforced)?;
         stats.seconds.write = t.elapsed().as_secs_f64();
         stats.seconds.wall = start.elapsed().as_secs_f64();
         writer.write(index, &batch, &mut stats)?;
@@ -309,6 +314,83 @@ fn shard_batch(
     RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), cols).map_err(|e| Error::data(format!("building shard {index}"), e))
 }
 
+/// The shard's batch after `filter.sql`: ok rows for which the condition is not true become
+/// `filtered` (image dropped, as the other filters do) and the batch is rebuilt.
+#[allow(clippy::too_many_arguments)]
+fn filtered_batch(
+    stages: Option<&Stages>,
+    sql: Option<&SqlFilter>,
+    input_fields: &[arrow::datatypes::Field],
+    index: u64,
+    rps: u64,
+    rows: &RecordBatch,
+    outcomes: &mut [Outcome],
+    reinforced: &[Option<crate::reinforce::Reinforcement>],
+) -> Result<RecordBatch> {
+    let batch = shard_batch(stages, input_fields, index, rps, rows, outcomes, reinforced)?;
+    let Some(f) = sql else { return Ok(batch) };
+    let keep = f.keep(&batch).map_err(|e| Error::Internal(format!("shard {index}: {e}")))?;
+    let mut changed = false;
+    for (o, k) in outcomes.iter_mut().zip(keep) {
+        if o.status == Status::Ok && !k {
+            o.status = Status::Filtered;
+            o.reason = Some(format!("filter.sql: {}", f.sql()));
+            o.image = None;
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(batch);
+    }
+    shard_batch(stages, input_fields, index, rps, rows, outcomes, reinforced)
+}
+
+#[cfg(feature = "query")]
+pub use crate::query::filter::SqlFilter;
+
+/// Without the `query` feature there is no SQL engine; a pipeline with `filter.sql` is refused.
+#[cfg(not(feature = "query"))]
+#[derive(Debug)]
+pub enum SqlFilter {}
+
+#[cfg(not(feature = "query"))]
+impl SqlFilter {
+    fn keep(&self, _: &RecordBatch) -> std::result::Result<Vec<bool>, String> {
+        match *self {}
+    }
+    fn sql(&self) -> &str {
+        match *self {}
+    }
+}
+
+/// `filter.sql` compiled against the shard schema these stages write (None without one); a
+/// condition that does not parse, names no column or is not a condition is a problem at
+/// `filter.sql`, with the shard's columns listed.
+pub fn sql_filter(plan: &Plan, stages: Option<&Stages>) -> Result<Option<Arc<SqlFilter>>> {
+    let Some(sql) = plan.config.filter.as_ref().and_then(|f| f.sql.as_ref()) else { return Ok(None) };
+    let problem = |m: String| Error::Config {
+        file: plan.file.clone(),
+        problems: crate::error::Problems(vec![crate::error::Problem { path: "filter.sql".into(), message: m }]),
+    };
+    #[cfg(feature = "query")]
+    {
+        let input_fields = plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>();
+        let schema = schema::with_passthrough(&input_fields);
+        let mut fields: Vec<arrow::datatypes::FieldRef> = schema.fields().iter().cloned().collect();
+        let mut teachers = Vec::new();
+        if let Some(s) = stages {
+            fields.extend(s.fields().into_iter().map(Arc::new));
+            teachers = s.teachers.iter().map(|(m, d)| crate::train::data::Teacher { model: m.clone(), dim: *d }).collect();
+        }
+        SqlFilter::compile(sql, &arrow::datatypes::Schema::new(fields), &teachers).map(|f| Some(Arc::new(f))).map_err(problem)
+    }
+    #[cfg(not(feature = "query"))]
+    {
+        let _ = (sql, stages);
+        Err(problem("needs DataFusion, and this recap was built without the `query` feature (cargo build --features query)".into()))
+    }
+}
+
 async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index: u64) -> Result<ShardDone> {
     let start = Instant::now();
     let paths = writer.paths(index);
@@ -343,13 +425,14 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
     let attempted = redo.len() as u64;
     let config_hash = plan.config_hash.clone();
     let stages = ctx.stages.clone();
+    let sql = ctx.sql_filter.clone();
     let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
         let mut outcomes = outcomes;
         // The model stages run again over every ok row: seeded by uid, kept rows get the same
         // captions and views, and shard-level filters see the recovered rows.
         let (reinforced, times) = run_stages(stages.as_deref(), &input_rows, &mut outcomes)?;
         let t = Instant::now();
-        let new_batch = shard_batch(stages.as_deref(), &input_fields, index, rps, &input_rows, &outcomes, &reinforced)?;
+        let new_batch = filtered_batch(stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &input_rows, &mut outcomes, &reinforced)?;
         let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
         stats.bytes_downloaded = old_stats.bytes_downloaded + new_bytes;
         stats.seconds = old_stats.seconds;

@@ -2,6 +2,7 @@
 //! one file), their stats files the table `stats` (one row per shard), and the functions in
 //! [`udf`] understand the reinforced columns.
 
+pub mod filter;
 pub mod shell;
 pub mod udf;
 
