@@ -35,6 +35,11 @@ pub enum Command {
     /// Find exact, near (phash) and optionally semantic duplicates across a run's shards; mark
     /// all but the first of each group `duplicate`, the kept row's key in the reason.
     Dedup(DedupArgs),
+    /// Export shards to other formats: `recap export webdataset` (DataCompDR's tar layout).
+    Export {
+        #[command(subcommand)]
+        what: ExportCommand,
+    },
     /// Generate a shapeworld (images, masks, depth, captions, URL list), or serve one.
     Synth(SynthArgs),
     /// Generate a small shapeworld, serve it on loopback, run pipelines/demo.yaml on it.
@@ -134,6 +139,29 @@ pub struct ValidateArgs {
     pub pipeline: PathBuf,
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Webdataset tars in DataCompDR's member layout (<key>.jpg, .txt, .url.txt, .syn.json,
+    /// .paug.json, .npz with image_emb and text_emb, .json), for open_clip and `webdataset`.
+    Webdataset(ExportWebdatasetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportWebdatasetArgs {
+    /// Directory of shards (or a glob of shard files).
+    #[arg(long)]
+    pub shards: String,
+    /// Directory for the tar files and manifest.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Samples per tar file.
+    #[arg(long, default_value_t = 10_000)]
+    pub samples_per_tar: u64,
+    /// Rows of these statuses are exported (repeatable; default ok).
+    #[arg(long = "status", default_value = "ok")]
+    pub statuses: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -476,6 +504,26 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 }
                 None => crate::query::shell::run(&ctx, &info, &a.shards, a.format).await,
             }
+        }
+        Command::Export { what: ExportCommand::Webdataset(a) } => {
+            for st in &a.statuses {
+                if crate::outcome::Status::parse(st).is_none() {
+                    return Err(Error::Usage(format!("--status {st}: not a status; expected one of {}", crate::outcome::Status::ALL.map(|s| s.as_str()).join(", "))));
+                }
+            }
+            let opts = crate::export::ExportOptions { samples_per_tar: a.samples_per_tar, statuses: a.statuses.clone() };
+            let out = a.out.clone();
+            let shards = a.shards.clone();
+            let s = tokio::task::spawn_blocking(move || crate::export::webdataset(&shards, &out, &opts)).await.map_err(|e| Error::Internal(e.to_string()))??;
+            out!(
+                "exported {} of {} rows ({}) to {} tar file(s) in {} ({:.1} MB); manifest.json lists them",
+                s.samples,
+                s.rows,
+                a.statuses.join(", "),
+                s.tars.len(),
+                a.out.display(),
+                s.bytes as f64 / 1e6
+            )
         }
         Command::Dedup(a) => {
             let opts = crate::dedup::DedupOptions {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dedup;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod imaging;
 pub mod models;
