@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-ort.sh          # ONNX Runtime shared library for the model stages
 bash scripts/python-env.sh
+bash scripts/browser-env.sh     # headless Chromium for the report test
 export RECAP_PYTHON="$PWD/.venv/bin/python"
 cargo test --locked "$@"

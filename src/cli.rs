@@ -35,6 +35,9 @@ pub enum Command {
     /// Find exact, near (phash) and optionally semantic duplicates across a run's shards; mark
     /// all but the first of each group `duplicate`, the kept row's key in the reason.
     Dedup(DedupArgs),
+    /// Write one self-contained HTML page about a run: funnel, failures, score and size
+    /// distributions, sampled thumbnails with captions and scores, duplicates side by side.
+    Report(ReportArgs),
     /// Export shards to other formats: `recap export webdataset` (DataCompDR's tar layout).
     Export {
         #[command(subcommand)]
@@ -139,6 +142,22 @@ pub struct ValidateArgs {
     pub pipeline: PathBuf,
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Directory of shards (or a glob of shard files).
+    #[arg(long)]
+    pub shards: String,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html")]
+    pub out: PathBuf,
+    /// Ok rows shown (a seeded random sample).
+    #[arg(long, default_value_t = 240)]
+    pub sample: usize,
+    /// Seed of the sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -504,6 +523,22 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 }
                 None => crate::query::shell::run(&ctx, &info, &a.shards, a.format).await,
             }
+        }
+        Command::Report(a) => {
+            let opts = crate::report::ReportOptions { sample: a.sample, seed: a.seed, ..Default::default() };
+            let (shards, out) = (a.shards.clone(), a.out.clone());
+            let t = std::time::Instant::now();
+            let s = tokio::task::spawn_blocking(move || crate::report::report(&shards, &out, &opts)).await.map_err(|e| Error::Internal(e.to_string()))??;
+            out!(
+                "wrote {} ({:.1} MB, {} rows shown of {} in {} shard file(s){}) in {:.1}s",
+                a.out.display(),
+                s.bytes as f64 / 1e6,
+                s.cards,
+                s.rows,
+                s.files,
+                if s.reinforced { "" } else { "; not reinforced: no scores" },
+                t.elapsed().as_secs_f64()
+            )
         }
         Command::Export { what: ExportCommand::Webdataset(a) } => {
             for st in &a.statuses {

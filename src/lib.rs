@@ -13,6 +13,7 @@ pub mod imaging;
 pub mod models;
 pub mod outcome;
 pub mod reinforce;
+pub mod report;
 pub mod sink;
 pub mod source;
 
