@@ -90,13 +90,28 @@ pub struct DedupSummary {
     pub dry_run: bool,
 }
 
-/// An ok row, as dedup keeps it in memory.
+/// An ok row, as dedup keeps it in memory (its key lives in one shared string): 48 bytes.
+#[derive(Clone, Copy)]
 struct Row {
-    key: Box<str>,
+    key_at: u32,
+    key_len: u16,
     file: u32,
     row: u32,
-    sha: Option<[u8; 32]>,
-    phash: Option<u64>,
+    /// The first 128 bits of the SHA-256 (a collision among 10^9 rows has odds of about 10^-21),
+    /// as two words so the row packs without 16-byte alignment.
+    sha: [u64; 2],
+    has_sha: bool,
+    has_phash: bool,
+    phash: u64,
+}
+
+impl Row {
+    fn sha(&self) -> Option<(u64, u64)> {
+        self.has_sha.then_some((self.sha[0], self.sha[1]))
+    }
+    fn phash(&self) -> Option<u64> {
+        self.has_phash.then_some(self.phash)
+    }
 }
 
 fn read_columns(path: &Path, cols: &[&str]) -> Result<Vec<RecordBatch>> {
@@ -115,9 +130,10 @@ fn read_columns(path: &Path, cols: &[&str]) -> Result<Vec<RecordBatch>> {
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::data(format!("reading {}", path.display()), e))
 }
 
-fn parse_sha(s: &str) -> Option<[u8; 32]> {
+fn parse_sha(s: &str) -> Option<[u64; 2]> {
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok().map(|_| out)
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some([u64::from_be_bytes(out[..8].try_into().expect("8 bytes")), u64::from_be_bytes(out[8..16].try_into().expect("8 bytes"))])
 }
 
 /// Union-find whose root is always the smallest index (the first row in key order).
@@ -286,6 +302,7 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
     let files = sink::list_shards(spec)?;
     let mut s = DedupSummary { files: files.len(), dry_run: opts.dry_run, ..Default::default() };
     let mut rows: Vec<Row> = Vec::new();
+    let mut keys = String::new();
     let mut emb: Vec<f32> = Vec::new();
     let mut dim = 0usize;
     let mut has_emb: Vec<bool> = Vec::new();
@@ -308,12 +325,22 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
                 if status.value(i) != Status::Ok.as_str() {
                     continue;
                 }
+                let k = key.value(i);
+                if k.len() > u16::MAX as usize {
+                    return Err(Error::input(f, format!("row {r}: a key of {} bytes; keys are short ids (shard + row)", k.len())));
+                }
+                let key_at = keys.len() as u32;
+                keys.push_str(k);
+                let sha = sha.is_valid(i).then(|| parse_sha(sha.value(i))).flatten();
                 rows.push(Row {
-                    key: key.value(i).into(),
+                    key_at,
+                    key_len: k.len() as u16,
                     file: fi as u32,
                     row: r,
-                    sha: sha.is_valid(i).then(|| parse_sha(sha.value(i))).flatten(),
-                    phash: phash.is_valid(i).then(|| phash.value(i)),
+                    sha: sha.unwrap_or_default(),
+                    has_sha: sha.is_some(),
+                    has_phash: phash.is_valid(i),
+                    phash: if phash.is_valid(i) { phash.value(i) } else { 0 },
                 });
                 if let Some(v) = &views {
                     let first = (v.is_valid(i) && v.value_length(i) > 0).then(|| v.value(i)).map(|m| m.as_fixed_size_list().value(0));
@@ -337,29 +364,33 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
     if opts.semantic.is_some() && dim == 0 && !rows.is_empty() {
         return Err(Error::input(spec, "--semantic needs image_embeddings (reinforced shards from a run with a score stage); these rows have none"));
     }
-    // Key order decides which row of a group is kept.
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by(|&a, &b| rows[a].key.cmp(&rows[b].key));
-    let rows: Vec<Row> = {
-        let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
-        order.iter().map(|&i| slots[i].take().expect("each once")).collect()
-    };
+    if keys.len() > u32::MAX as usize {
+        return Err(Error::Usage("more than 4 GB of keys: deduplicate fewer shards at a time".into()));
+    }
+    let key_of = |r: &Row| &keys[r.key_at as usize..r.key_at as usize + r.key_len as usize];
+    // Key order decides which row of a group is kept. In place, unless the embeddings must follow.
     if opts.semantic.is_some() {
+        let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+        order.sort_by(|&a, &b| key_of(&rows[a as usize]).cmp(key_of(&rows[b as usize])));
+        rows = order.iter().map(|&i| rows[i as usize]).collect();
         let mut e2 = Vec::with_capacity(emb.len());
         let mut h2 = Vec::with_capacity(has_emb.len());
         for &i in &order {
+            let i = i as usize;
             e2.extend_from_slice(&emb[i * dim..(i + 1) * dim]);
             h2.push(has_emb[i]);
         }
         emb = e2;
         has_emb = h2;
+    } else {
+        rows.sort_by(|a, b| key_of(a).cmp(key_of(b)));
     }
     s.ok_rows = rows.len() as u64;
     let mut dup: Vec<Option<(u32, Kind)>> = vec![None; rows.len()];
     // Exact.
-    let mut first: HashMap<[u8; 32], u32> = HashMap::new();
+    let mut first: HashMap<(u64, u64), u32> = HashMap::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
-        if let Some(h) = r.sha {
+        if let Some(h) = r.sha() {
             match first.get(&h) {
                 Some(&k) => dup[i] = Some((k, Kind::Exact)),
                 None => {
@@ -372,7 +403,7 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
     // Near, among the rows left.
     if let Some(k) = opts.near_bits {
         let hashes: Vec<(u32, u64)> =
-            rows.iter().enumerate().filter(|(i, _)| dup[*i].is_none()).filter_map(|(i, r)| r.phash.map(|h| (i as u32, h))).collect();
+            rows.iter().enumerate().filter(|(i, _)| dup[*i].is_none()).filter_map(|(i, r)| r.phash().map(|h| (i as u32, h))).collect();
         let pairs = near_pairs(&hashes, k);
         let mut g = Groups::new(rows.len());
         for &(p, q, _) in &pairs {
@@ -381,7 +412,7 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
         for &(i, h) in &hashes {
             let root = g.find(i);
             if root != i {
-                let bits = (h ^ rows[root as usize].phash.unwrap_or(h)).count_ones();
+                let bits = (h ^ rows[root as usize].phash().unwrap_or(h)).count_ones();
                 dup[i as usize] = Some((root, Kind::Near(bits)));
             }
         }
@@ -408,7 +439,7 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
     let mut per_file: HashMap<u32, Vec<(u32, Found)>> = HashMap::new();
     for (i, d) in dup.iter().enumerate() {
         if let Some((kept, kind)) = d {
-            let f = Found { key: rows[i].key.to_string(), kept: rows[*kept as usize].key.to_string(), kind: *kind };
+            let f = Found { key: key_of(&rows[i]).to_string(), kept: key_of(&rows[*kept as usize]).to_string(), kind: *kind };
             match kind {
                 Kind::Exact => s.exact += 1,
                 Kind::Near(_) => s.near += 1,
