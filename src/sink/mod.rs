@@ -297,6 +297,21 @@ pub fn input_rows_from_batch(batch: &RecordBatch, input_schema: &SchemaRef) -> R
     RecordBatch::try_new(input_schema.clone(), cols).map_err(|e| Error::data("shard input columns", e))
 }
 
+/// How shard files are written: `compression` for every column but the image bytes, which are
+/// encoded images that do not compress (no codec, dictionary or min/max statistics for them);
+/// row groups of 512 rows; `kv` as the file's key-value metadata.
+fn shard_properties(compression: parquet::basic::Compression, kv: Vec<KeyValue>) -> WriterProperties {
+    let image_bytes = parquet::schema::types::ColumnPath::new(vec!["image".into(), "bytes".into()]);
+    WriterProperties::builder()
+        .set_compression(compression)
+        .set_column_compression(image_bytes.clone(), parquet::basic::Compression::UNCOMPRESSED)
+        .set_column_dictionary_enabled(image_bytes.clone(), false)
+        .set_column_statistics_enabled(image_bytes, parquet::file::properties::EnabledStatistics::None)
+        .set_max_row_group_row_count(Some(512))
+        .set_key_value_metadata(Some(kv))
+        .build()
+}
+
 /// Writes shards into one directory.
 pub struct ShardWriter {
     dir: PathBuf,
@@ -317,15 +332,9 @@ impl ShardWriter {
             Compression::Snappy => parquet::basic::Compression::SNAPPY,
             Compression::None => parquet::basic::Compression::UNCOMPRESSED,
         };
-        // Encoded images do not compress: no codec, dictionary or min/max statistics for their bytes.
-        let image_bytes = parquet::schema::types::ColumnPath::new(vec!["image".into(), "bytes".into()]);
-        let props = WriterProperties::builder()
-            .set_compression(compression)
-            .set_column_compression(image_bytes.clone(), parquet::basic::Compression::UNCOMPRESSED)
-            .set_column_dictionary_enabled(image_bytes.clone(), false)
-            .set_column_statistics_enabled(image_bytes, parquet::file::properties::EnabledStatistics::None)
-            .set_max_row_group_row_count(Some(512))
-            .set_key_value_metadata(Some(vec![
+        let props = shard_properties(
+            compression,
+            vec![
                 KeyValue::new("recap.version".into(), env!("CARGO_PKG_VERSION").to_string()),
                 KeyValue::new("recap.schema_version".into(), schema_version.to_string()),
                 KeyValue::new("recap.config_hash".into(), config_hash.to_string()),
@@ -333,8 +342,8 @@ impl ShardWriter {
             ]
             .into_iter()
             .chain(extra.into_iter().map(|(k, v)| KeyValue::new(k, v)))
-            .collect()))
-            .build();
+            .collect(),
+        );
         Ok(ShardWriter { dir, props })
     }
 
@@ -417,15 +426,7 @@ pub fn rewrite_shard(path: &Path, batch: &RecordBatch, update_stats: impl FnOnce
         .map(|(_, c)| c)
         .unwrap_or(parquet::basic::Compression::ZSTD(ZstdLevel::default()));
     drop(reader);
-    let image_bytes = parquet::schema::types::ColumnPath::new(vec!["image".into(), "bytes".into()]);
-    let props = WriterProperties::builder()
-        .set_compression(compression)
-        .set_column_compression(image_bytes.clone(), parquet::basic::Compression::UNCOMPRESSED)
-        .set_column_dictionary_enabled(image_bytes.clone(), false)
-        .set_column_statistics_enabled(image_bytes, parquet::file::properties::EnabledStatistics::None)
-        .set_max_row_group_row_count(Some(512))
-        .set_key_value_metadata(Some(kv))
-        .build();
+    let props = shard_properties(compression, kv);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.parquet").to_string();
     let stem = name.strip_suffix(".parquet").unwrap_or(&name).to_string();
