@@ -4,7 +4,7 @@ query: N rows (default 100k) in the reinforced shard layout recap writes: 90% ok
     failures and filtered rows with reasons; 50 hosts; alt-text and 3 synthetic captions; a 1.5 KB
     image blob; 5 view and 4 text embeddings of 112 float16 values; CLIP scores; phash with
     planted near copies. Row groups of 512 rows and zstd, as recap writes them.
-dedup: N rows (default 1M) of key, status, sha256 and phash only (what dedup reads), with 2%
+dedup: N rows (default 1M) of key, status, reason, sha256 and phash only (what dedup reads), with 2%
     exact and 2% near copies planted.
 
 Usage: make_bench_rows.py query|dedup OUT_DIR [N]
@@ -46,12 +46,12 @@ for f in range((n + per_file - 1) // per_file):
     sha = [os.urandom(32).hex() for _ in range(m)]
     for i in rng.choice(m, size=m // 50, replace=False):
         sha[i] = sha[rng.integers(0, m)]
-    cols = {"key": keys, "status": st, "sha256": sha, "phash": pa.array(phashes(m), pa.uint64())}
+    cols = {"key": keys, "status": st, "sha256": sha, "phash": pa.array(phashes(m), pa.uint64()),
+            "reason": pa.array([None if s == "ok" else f"{s}: example" for s in st], pa.string())}
     if kind == "query":
         hosts = rng.integers(0, 50, size=m)
         cols["url"] = [f"https://img{h}.example.com/{f}/{r}.jpg" for r, h in enumerate(hosts)]
         cols["caption"] = [" ".join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(m)]
-        cols["reason"] = [None if s == "ok" else f"{s}: example reason {rng.integers(0, 5)}" for s in st]
         cols["width"] = pa.array(rng.integers(200, 1600, size=m), pa.uint32())
         cols["height"] = pa.array(rng.integers(150, 1200, size=m), pa.uint32())
         blobs = [os.urandom(1500) if s == "ok" else None for s in st]

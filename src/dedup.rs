@@ -122,7 +122,7 @@ fn read_columns(path: &Path, cols: &[&str]) -> Result<Vec<RecordBatch>> {
             return Err(Error::input(path, "has no column image_embeddings; --semantic needs reinforced shards (a run with a score stage)"));
         }
         if b.schema().field_with_name(c).is_err() {
-            return Err(Error::input(path, format!("has no column {c}; dedup needs key, status, sha256 and phash (a shard written by `recap run`)")));
+            return Err(Error::input(path, format!("has no column {c}; dedup needs key, status, reason, sha256 and phash (a shard written by `recap run`)")));
         }
     }
     let mask = ProjectionMask::columns(b.parquet_schema(), cols.iter().copied());
@@ -190,32 +190,47 @@ fn probes(v: u16, r: u32) -> Vec<u16> {
 }
 
 /// Pairs (i, j), i < j, of hashes within `k` bits, by multi-index hashing over 4 bands of 16
-/// bits. `hashes[i]` is (row index, hash).
+/// bits. `hashes[i]` is (row index, hash). Each band is a counting sort of (hash, position) by
+/// the band's value, so a probe is one slice, read in order.
 pub fn near_pairs(hashes: &[(u32, u64)], k: u32) -> Vec<(u32, u32, u32)> {
     assert!(k <= 15, "near_bits is at most 15");
     let r = k / 4;
-    // Per band: (band value, position in `hashes`), sorted.
-    let bands: Vec<Vec<(u16, u32)>> = (0..4)
+    let bands: Vec<(Vec<u32>, Vec<(u64, u32)>)> = (0..4)
+        .into_par_iter()
         .map(|b| {
-            let mut v: Vec<(u16, u32)> = hashes.iter().enumerate().map(|(p, (_, h))| ((h >> (16 * b)) as u16, p as u32)).collect();
-            v.sort_unstable();
-            v
+            let band = |h: u64| (h >> (16 * b)) as u16 as usize;
+            let mut starts = vec![0u32; 65537];
+            for &(_, h) in hashes {
+                starts[band(h) + 1] += 1;
+            }
+            for v in 0..65536 {
+                starts[v + 1] += starts[v];
+            }
+            let mut fill = starts.clone();
+            let mut entries = vec![(0u64, 0u32); hashes.len()];
+            for (p, &(_, h)) in hashes.iter().enumerate() {
+                let slot = &mut fill[band(h)];
+                entries[*slot as usize] = (h, p as u32);
+                *slot += 1;
+            }
+            (starts, entries)
         })
         .collect();
+    // Every 16-bit value within r bits of v is v ^ one of these.
+    let masks = probes(0, r);
     let mut pairs: Vec<(u32, u32, u32)> = hashes
         .par_iter()
         .enumerate()
         .flat_map_iter(|(p, &(_, h))| {
             let mut out = Vec::new();
-            for (b, band) in bands.iter().enumerate() {
-                for probe in probes((h >> (16 * b)) as u16, r) {
-                    let start = band.partition_point(|e| e.0 < probe);
-                    for &(v, q) in &band[start..] {
-                        if v != probe {
-                            break;
-                        }
+            for (b, (starts, entries)) in bands.iter().enumerate() {
+                let v = (h >> (16 * b)) as u16;
+                for &m in &masks {
+                    let probe = v ^ m;
+                    let (lo, hi) = (starts[probe as usize] as usize, starts[probe as usize + 1] as usize);
+                    for &(other, q) in &entries[lo..hi] {
                         if (q as usize) > p {
-                            let d = (h ^ hashes[q as usize].1).count_ones();
+                            let d = (h ^ other).count_ones();
                             if d <= k {
                                 out.push((p as u32, q, d));
                             }
@@ -309,6 +324,10 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
     let mut cols = vec!["key", "status", "sha256", "phash"];
     if opts.semantic.is_some() {
         cols.push("image_embeddings");
+    }
+    if !opts.dry_run {
+        // Marking rewrites status and reason: refuse before any work a file that lacks one.
+        cols.push("reason");
     }
     for (fi, f) in files.iter().enumerate() {
         let mut row_in_file = 0u32;
