@@ -1,4 +1,4 @@
-//! The command line: run, validate, schema, query, synth, demo, train.
+//! The command line: run, validate, schema, query, dedup, report, export, synth, demo, train, eval, finetune.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

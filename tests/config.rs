@@ -156,3 +156,18 @@ fn overrides_are_checked_like_the_file() {
     assert_eq!(cfg.image.size, 64);
     assert_eq!(cfg.download.timeout.0, std::time::Duration::from_secs(2));
 }
+
+/// A default the user never wrote follows the value they did: `concurrency: 8` alone gives
+/// per_host 8 (the default 16 would exceed it); a per_host they wrote is still checked.
+#[test]
+fn per_host_follows_a_lower_concurrency_unless_written() {
+    let base = "input:\n  path: urls.parquet\noutput:\n  path: out\n";
+    let cfg = config::parse_str(&format!("{base}download:\n  concurrency: 8\n"), "p.yaml", &[]).unwrap();
+    assert_eq!((cfg.download.concurrency, cfg.download.per_host), (8, 8));
+    let cfg = config::parse_str(base, "p.yaml", &["download.concurrency=4".into()]).unwrap();
+    assert_eq!(cfg.download.per_host, 4);
+    let cfg = config::parse_str(base, "p.yaml", &[]).unwrap();
+    assert_eq!((cfg.download.concurrency, cfg.download.per_host), (64, 16));
+    let cfg = config::parse_str(&format!("{base}download:\n  concurrency: 8\n  per_host: 12\n"), "p.yaml", &[]).unwrap();
+    assert_eq!(cfg.download.per_host, 12, "a written value is kept (and refused by the plan)");
+}

@@ -60,7 +60,16 @@ pub fn parse_file(path: &Path, overrides: &[String]) -> Result<PipelineConfig> {
 
 /// YAML text → typed config, reporting every schema problem at once.
 pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<PipelineConfig> {
-    parse_yaml(text, label, overrides, &json_schema(), "input and output (see `recap schema pipeline`)", input_problems_beside)
+    let mut cfg: PipelineConfig =
+        parse_yaml(text, label, overrides, &json_schema(), "input and output (see `recap schema pipeline`)", input_problems_beside)?;
+    // A default the user never wrote follows the value they did: `concurrency: 8` alone means
+    // at most 8 per host too, not a refusal because the default per_host (16) is larger.
+    let per_host_written = overrides.iter().any(|o| o.trim_start().starts_with("download.per_host="))
+        || serde_saphyr::from_str::<Value>(text).ok().is_some_and(|v| v.get("download").and_then(|d| d.get("per_host")).is_some());
+    if !per_host_written {
+        cfg.download.per_host = cfg.download.per_host.min(cfg.download.concurrency);
+    }
+    Ok(cfg)
 }
 
 /// YAML text (+ `--set` overrides) → `T`, checked against `schema` first so that every problem is

@@ -88,7 +88,8 @@ pub struct DownloadConfig {
     /// Requests in flight at once, all hosts together.
     #[schemars(range(min = 1))]
     pub concurrency: u32,
-    /// Requests in flight at once to one host.
+    /// Requests in flight at once to one host (default 16, or `concurrency` when that is lower
+    /// and per_host is not written).
     #[schemars(range(min = 1))]
     pub per_host: u32,
     /// Time allowed for one attempt: connecting, headers and body.

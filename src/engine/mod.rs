@@ -118,8 +118,11 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
         ProgressBar::hidden()
     };
     progress.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} rows {per_sec} ETA {eta} {msg}")
+        ProgressStyle::with_template("{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} rows {rate} ETA {eta} {msg}")
             .expect("valid template")
+            .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&rate(state.per_sec()));
+            })
             .progress_chars("=> "),
     );
 
@@ -312,6 +315,17 @@ fn shard_batch(
     let mut cols = batch.columns().to_vec();
     cols.extend(stages.columns(reinforced, outcomes)?);
     RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), cols).map_err(|e| Error::data(format!("building shard {index}"), e))
+}
+
+/// A progress rate as people read it: whole rows per second, one decimal below 10.
+fn rate(per_sec: f64) -> String {
+    if !per_sec.is_finite() || per_sec <= 0.0 {
+        "0 rows/s".into()
+    } else if per_sec < 10.0 {
+        format!("{per_sec:.1} rows/s")
+    } else {
+        format!("{per_sec:.0} rows/s")
+    }
 }
 
 /// The shard's batch after `filter.sql`: ok rows for which the condition is not true become
@@ -526,4 +540,14 @@ async fn process_row(ctx: Arc<Ctx>, url: Option<String>) -> Outcome {
     };
     ctx.progress.inc(1);
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_read_as_rows_per_second() {
+        assert_eq!(super::rate(1234.5678), "1235 rows/s");
+        assert_eq!(super::rate(3.14159), "3.1 rows/s");
+        assert_eq!(super::rate(f64::NAN), "0 rows/s");
+    }
 }
