@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod imaging;
 pub mod models;
 pub mod outcome;
+pub mod panics;
 pub mod reinforce;
 pub mod report;
 pub mod sink;

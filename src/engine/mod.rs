@@ -8,7 +8,6 @@ pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -493,7 +492,7 @@ async fn process_row(ctx: Arc<Ctx>, url: Option<String>) -> Outcome {
             let bytes = body.bytes.clone();
             ctx.pool.spawn(move || {
                 let sha = hex::encode(Sha256::digest(&bytes));
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| imaging::process(&bytes, &cfg)));
+                let r = crate::panics::quietly(|| imaging::process(&bytes, &cfg));
                 let _ = tx.send((sha, r));
             });
             let mut o = match rx.await {
@@ -524,8 +523,8 @@ async fn process_row(ctx: Arc<Ctx>, url: Option<String>) -> Outcome {
                     o.seconds = refused.seconds;
                     o
                 }
-                Ok((sha, Err(_panic))) => {
-                    let mut o = Outcome::failed(Status::DecodeFailed, "the image decoder panicked on this input");
+                Ok((sha, Err(panic))) => {
+                    let mut o = Outcome::failed(Status::DecodeFailed, format!("the image decoder failed on this input (it panicked: {panic})"));
                     o.http_status = Some(body.http_status);
                     o.sha256 = Some(sha);
                     o

@@ -58,13 +58,9 @@ fn error_mgr() -> jpeg_error_mgr {
 /// Runs libjpeg, turning its errors (returned or unwound) into a message.
 fn run<T>(f: impl FnOnce() -> std::io::Result<T>) -> Result<T, String> {
     TRUNCATED.with(|t| t.set(false));
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    match crate::panics::quietly(f) {
         Ok(r) => r.map_err(|e| e.to_string()),
-        Err(payload) => Err(payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "libjpeg failed".into())),
+        Err(message) => Err(message),
     }
 }
 
