@@ -159,7 +159,11 @@ fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConf
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    let mut img = match DynamicImage::from_decoder(decoder) {
+        Ok(img) => img,
+        Err(e) if format == CodecFormat::Gif && e.to_string().contains("no color table") => gif_without_palette(bytes, cfg)?,
+        Err(e) => return Err(e.to_string()),
+    };
     // zune-jpeg pads a cut file with grey rows and says nothing: refuse it as the scaled path
     // (and PIL) do, so both paths agree on what is truncated. Checked after decoding, so that
     // damaged headers keep the decoder's own message.
@@ -169,6 +173,26 @@ fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConf
     img.apply_orientation(orientation);
     let (ow, oh) = (img.width(), img.height());
     Ok(Decoded { rgb: to_rgb_on_white(img), original_width: ow, original_height: oh })
+}
+
+/// A GIF whose frame has neither a local nor a global colour table, read as PIL reads it (each
+/// index a grey level): the same bytes with a grey-ramp global colour table put in, decoded as
+/// usual (transparency, disposal and all).
+fn gif_without_palette(bytes: &[u8], cfg: &ImageConfig) -> Result<DynamicImage, String> {
+    const SCREEN: usize = 13; // "GIF8?a", width, height, packed, background, aspect
+    if bytes.len() < SCREEN || bytes[10] & 0x80 != 0 {
+        return Err("no color table available for current frame".into());
+    }
+    let mut patched = Vec::with_capacity(bytes.len() + 768);
+    patched.extend_from_slice(&bytes[..SCREEN]);
+    patched[10] |= 0x80 | 0x07; // a global colour table of 2^(7+1) = 256 entries
+    patched.extend((0..=255u8).flat_map(|v| [v, v, v]));
+    patched.extend_from_slice(&bytes[SCREEN..]);
+    let mut reader = ImageReader::with_format(Cursor::new(patched), CodecFormat::Gif);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(cfg.max_pixels.saturating_mul(8).max(64 << 20));
+    reader.limits(limits);
+    reader.decode().map_err(|e| e.to_string())
 }
 
 /// JPEG decoded at `k`/8 scale by libjpeg-turbo; `None` when the colour space needs the general
@@ -304,6 +328,67 @@ pub fn encode(img: &RgbImage, cfg: &ImageConfig) -> Result<(Vec<u8>, &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GIF with no colour table at all (neither global nor local) that PIL reads as grey
+    /// levels: each index is its grey value (img2dataset decodes these; image's GIF decoder
+    /// refuses them).
+    fn gif_with_no_colour_table(w: u16, h: u16) -> Vec<u8> {
+        // Written by hand: encoders refuse a frame without a palette. LZW with a clear code every
+        // 200 literals keeps every code 9 bits wide.
+        let pixels: Vec<u16> = (0..w as usize * h as usize).map(|i| (i * 7 % 256) as u16).collect();
+        let mut codes = Vec::new();
+        for chunk in pixels.chunks(200) {
+            codes.push(256u16);
+            codes.extend_from_slice(chunk);
+        }
+        codes.push(257);
+        let (mut data, mut acc, mut nbits) = (Vec::new(), 0u32, 0u32);
+        for c in codes {
+            acc |= (c as u32) << nbits;
+            nbits += 9;
+            while nbits >= 8 {
+                data.push(acc as u8);
+                acc >>= 8;
+                nbits -= 8;
+            }
+        }
+        if nbits > 0 {
+            data.push(acc as u8);
+        }
+        let mut out = b"GIF89a".to_vec();
+        out.extend_from_slice(&w.to_le_bytes());
+        out.extend_from_slice(&h.to_le_bytes());
+        out.extend_from_slice(&[0, 0, 0]); // no global colour table, background 0, aspect 0
+        out.push(0x2C);
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(&w.to_le_bytes());
+        out.extend_from_slice(&h.to_le_bytes());
+        out.push(0); // no local colour table
+        out.push(8); // LZW minimum code size
+        for block in data.chunks(255) {
+            out.push(block.len() as u8);
+            out.extend_from_slice(block);
+        }
+        out.extend_from_slice(&[0, 0x3B]);
+        out
+    }
+
+    #[test]
+    fn a_gif_without_a_colour_table_decodes_as_grey() {
+        let bytes = gif_with_no_colour_table(80, 60);
+        assert!(image::load_from_memory(&bytes).is_err(), "image's decoder refuses it (what this covers)");
+        let d = decode(&bytes, CodecFormat::Gif, (80, 60), &ImageConfig::default()).unwrap();
+        assert_eq!((d.original_width, d.original_height), (80, 60));
+        for (i, p) in d.rgb.pixels().enumerate() {
+            let v = (i * 7 % 256) as u8;
+            assert_eq!(p.0, [v, v, v], "pixel {i}");
+        }
+        // RECAP_WRITE_GIF=DIR writes the file to check against PIL, which reads it as mode L with
+        // the same values: `np.asarray(Image.open(f))[y, x] == (y * 80 + x) * 7 % 256` (checked).
+        if let Ok(dir) = std::env::var("RECAP_WRITE_GIF") {
+            std::fs::write(std::path::Path::new(&dir).join("no-colour-table.gif"), &bytes).unwrap();
+        }
+    }
 
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
