@@ -153,16 +153,30 @@ fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConf
             }
         }
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(cfg.max_pixels.saturating_mul(8).max(64 << 20));
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = match DynamicImage::from_decoder(decoder) {
-        Ok(img) => img,
-        Err(e) if format == CodecFormat::Gif && e.to_string().contains("no color table") => gif_without_palette(bytes, cfg)?,
-        Err(e) => return Err(e.to_string()),
+    let general = || -> Result<(DynamicImage, image::metadata::Orientation), String> {
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(cfg.max_pixels.saturating_mul(8).max(64 << 20));
+        reader.limits(limits);
+        let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+        let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+        match DynamicImage::from_decoder(decoder) {
+            Ok(img) => Ok((img, orientation)),
+            Err(e) if format == CodecFormat::Gif && e.to_string().contains("no color table") => {
+                Ok((gif_without_palette(bytes, cfg)?, image::metadata::Orientation::NoTransforms))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let (mut img, orientation) = match general() {
+        Ok(r) => r,
+        // zune-jpeg is stricter than libjpeg on some odd files (a short Adobe APP14 segment, ...)
+        // that libjpeg, and so PIL, read: give libjpeg-turbo the file at full size before refusing.
+        Err(e) if format == CodecFormat::Jpeg => match decode_jpeg_scaled(bytes, w, h, 8) {
+            Ok(Some(d)) => return Ok(d),
+            _ => return Err(e),
+        },
+        Err(e) => return Err(e),
     };
     // zune-jpeg pads a cut file with grey rows and says nothing: refuse it as the scaled path
     // (and PIL) do, so both paths agree on what is truncated. Checked after decoding, so that
@@ -371,6 +385,27 @@ mod tests {
         }
         out.extend_from_slice(&[0, 0x3B]);
         out
+    }
+
+    /// A JPEG with an Adobe APP14 segment shorter than its 12 bytes: libjpeg (and so PIL) reads
+    /// it and ignores the segment.
+    fn jpeg_with_short_app14() -> Vec<u8> {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
+        let mut j = Vec::new();
+        jpeg_encoder::Encoder::new(&mut j, 90).encode(img.as_raw(), 64, 48, jpeg_encoder::ColorType::Rgb).unwrap();
+        let mut out = j[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xEE, 0x00, 0x07, b'A', b'd', b'o', b'b', b'e']);
+        out.extend_from_slice(&j[2..]);
+        out
+    }
+
+    #[test]
+    fn a_jpeg_with_a_short_app14_segment_decodes() {
+        let bytes = jpeg_with_short_app14();
+        let d = decode(&bytes, CodecFormat::Jpeg, (64, 48), &ImageConfig::default()).unwrap();
+        assert_eq!((d.original_width, d.original_height), (64, 48));
+        let p = d.rgb.get_pixel(40, 20).0;
+        assert!((p[0] as i32 - 160).abs() <= 4 && (p[1] as i32 - 100).abs() <= 4 && (p[2] as i32 - 128).abs() <= 4, "{p:?}");
     }
 
     #[test]
