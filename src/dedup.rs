@@ -17,14 +17,11 @@
 //! marked rows are no longer `ok`) and writes nothing.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float16Type, UInt64Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -114,20 +111,11 @@ impl Row {
     }
 }
 
-fn read_columns(path: &Path, cols: &[&str]) -> Result<Vec<RecordBatch>> {
-    let f = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::input(path, format!("not a readable Parquet file: {e}")))?;
-    for c in cols {
-        if b.schema().field_with_name(c).is_err() && *c == "image_embeddings" {
-            return Err(Error::input(path, "has no column image_embeddings; --semantic needs reinforced shards (a run with a score stage)"));
-        }
-        if b.schema().field_with_name(c).is_err() {
-            return Err(Error::input(path, format!("has no column {c}; dedup needs key, status, reason, sha256 and phash (a shard written by `recap run`)")));
-        }
-    }
-    let mask = ProjectionMask::columns(b.parquet_schema(), cols.iter().copied());
-    let reader = b.with_projection(mask).with_batch_size(8192).build().map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
-    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::data(format!("reading {}", path.display()), e))
+fn read_columns(path: &Path, cols: &[&str]) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    sink::read_columns(path, cols, &[], 8192, |c| match c {
+        "image_embeddings" => "has no column image_embeddings; --semantic needs reinforced shards (a run with a score stage)".into(),
+        c => format!("has no column {c}; dedup needs key, status, reason, sha256 and phash (a shard written by `recap run`)"),
+    })
 }
 
 fn parse_sha(s: &str) -> Option<[u64; 2]> {
@@ -332,6 +320,7 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
     for (fi, f) in files.iter().enumerate() {
         let mut row_in_file = 0u32;
         for b in read_columns(f, &cols)? {
+            let b = b?;
             let key = b.column_by_name("key").expect("projected").as_string::<i32>();
             let status = b.column_by_name("status").expect("projected").as_string::<i32>();
             let sha = b.column_by_name("sha256").expect("projected").as_string::<i32>();

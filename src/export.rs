@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, RecordBatch, StructArray};
 use arrow::datatypes::{Float16Type, Float32Type, UInt32Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -201,8 +200,7 @@ pub fn webdataset(spec: &str, out: &Path, opts: &ExportOptions) -> Result<Export
     let mut tar: Option<TarWriter> = None;
     let mut next_tar = 0u64;
     for f in &files {
-        let file = File::open(f).map_err(|e| Error::io("cannot open shard", f, e))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::input(f, format!("not a readable Parquet file: {e}")))?;
+        let b = sink::open_shard(f)?;
         for c in ["key", "status", "url", "caption", "image"] {
             if b.schema().field_with_name(c).is_err() {
                 return Err(Error::input(f, format!("has no column {c}; expected a shard written by `recap run`")));

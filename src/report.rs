@@ -8,13 +8,10 @@
 //! however large the run: it samples, it does not dump.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
-use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, UInt32Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -147,12 +144,9 @@ fn thumbnail(bytes: &[u8], side: u32) -> Option<String> {
     Some(format!("data:image/jpeg;base64,{}", base64(&out)))
 }
 
-fn read(path: &Path, cols: &[&str]) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
-    let f = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::input(path, format!("not a readable Parquet file: {e}")))?;
-    let present: Vec<&str> = cols.iter().copied().filter(|c| b.schema().field_with_name(c).is_ok()).collect();
-    let mask = ProjectionMask::columns(b.parquet_schema(), present);
-    b.with_projection(mask).with_batch_size(1024).build().map_err(|e| Error::data(format!("reading {}", path.display()), e))
+/// Batches of `key`, `status` and whichever of `cols` the file has.
+fn read(path: &Path, cols: &[&str]) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    sink::read_columns(path, &["key", "status"], cols, 1024, |c| format!("has no column {c}; expected a shard written by `recap run`"))
 }
 
 /// A reservoir of at most `cap` keys, seeded.
@@ -203,15 +197,13 @@ pub fn report(spec: &str, out: &Path, opts: &ReportOptions) -> Result<ReportSumm
     let files = sink::list_shards(spec)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     // The file-level facts from the first shard's footer.
-    let f0 = File::open(&files[0]).map_err(|e| Error::io("cannot open shard", &files[0], e))?;
-    let b0 = ParquetRecordBatchReaderBuilder::try_new(f0).map_err(|e| Error::input(&files[0], format!("not a readable Parquet file: {e}")))?;
+    let b0 = sink::open_shard(&files[0])?;
     for c in ["key", "status"] {
         if b0.schema().field_with_name(c).is_err() {
             return Err(Error::input(&files[0], format!("has no column {c}; expected a shard written by `recap run`")));
         }
     }
-    let kv: BTreeMap<String, String> =
-        b0.metadata().file_metadata().key_value_metadata().map(|m| m.iter().filter_map(|k| k.value.clone().map(|v| (k.key.clone(), v))).collect()).unwrap_or_default();
+    let kv = sink::kv_metadata(&b0);
     let reinforced = b0.schema().field_with_name("clip_score").is_ok();
     let synthetic = b0.schema().field_with_name("synthetic_captions").is_ok();
     drop(b0);
@@ -235,7 +227,7 @@ pub fn report(spec: &str, out: &Path, opts: &ReportOptions) -> Result<ReportSumm
     for f in &files {
         bytes_files += std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         for b in read(f, &["key", "url", "caption", "status", "reason", "original_width", "original_height", "clip_score", "synthetic_clip_scores", "synthetic_captions"])? {
-            let b = b.map_err(|e| Error::data(format!("reading {}", f.display()), e))?;
+            let b = b?;
             let key = str_col(&b, "key").expect("checked");
             let st = str_col(&b, "status").expect("checked");
             let url = str_col(&b, "url");
@@ -332,7 +324,7 @@ pub fn report(spec: &str, out: &Path, opts: &ReportOptions) -> Result<ReportSumm
         }
         for f in &files {
             for b in read(f, &cols)? {
-                let b = b.map_err(|e| Error::data(format!("reading {}", f.display()), e))?;
+                let b = b?;
                 let key = str_col(&b, "key").expect("checked");
                 for i in 0..b.num_rows() {
                     let k = key.value(i);

@@ -46,6 +46,18 @@ impl ShardPaths {
         }
     }
 
+    /// The stats file and completion marker that go with a shard file (`NNNNN.parquet` →
+    /// `NNNNN.stats.json`, `NNNNN.done`), wherever it lies.
+    pub fn beside(parquet: &Path) -> Self {
+        let name = parquet.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let stem = name.strip_suffix(".parquet").unwrap_or(name);
+        ShardPaths {
+            parquet: parquet.to_path_buf(),
+            stats: parquet.with_file_name(format!("{stem}.stats.json")),
+            done: parquet.with_file_name(format!("{stem}.done")),
+        }
+    }
+
     pub fn is_complete(&self) -> bool {
         self.done.is_file() && self.parquet.is_file()
     }
@@ -275,10 +287,47 @@ pub fn outcomes_from_batch(batch: &RecordBatch) -> Result<Vec<Outcome>> {
         .collect()
 }
 
+/// A shard file opened for reading: its footer is read, and a file that is not Parquet is a
+/// clear error naming it.
+pub fn open_shard(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::input(path, format!("not a readable Parquet file: {e}")))
+}
+
+/// A shard file's key-value metadata (`recap.*`), by key.
+pub fn kv_metadata(b: &ParquetRecordBatchReaderBuilder<File>) -> BTreeMap<String, String> {
+    b.metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|m| m.iter().filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v))).collect())
+        .unwrap_or_default()
+}
+
+/// Batches of some top-level columns of one shard file, nothing else read: every `required`
+/// column (a file without one is an error whose message `missing(column)` gives) and those of
+/// `optional` the file has.
+pub fn read_columns(
+    path: &Path,
+    required: &[&str],
+    optional: &[&str],
+    batch: usize,
+    missing: impl Fn(&str) -> String,
+) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    let b = open_shard(path)?;
+    let mut roots = Vec::with_capacity(required.len() + optional.len());
+    for c in required {
+        roots.push(b.schema().index_of(c).map_err(|_| Error::input(path, missing(c)))?);
+    }
+    roots.extend(optional.iter().filter_map(|c| b.schema().index_of(c).ok()));
+    let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), roots);
+    let reader = b.with_projection(mask).with_batch_size(batch).build().map_err(|e| Error::input(path, format!("cannot read: {e}")))?;
+    let p = path.to_path_buf();
+    Ok(reader.map(move |r| r.map_err(|e| Error::input(&p, format!("cannot read: {e}")))))
+}
+
 /// Read a whole shard file.
 pub fn read_shard(path: &Path) -> Result<(RecordBatch, SchemaRef)> {
-    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
+    let b = open_shard(path)?;
     let schema = b.schema().clone();
     let reader = b.build().map_err(|e| Error::data(format!("reading {}", path.display()), e))?;
     let batches: Vec<RecordBatch> =
@@ -427,14 +476,11 @@ pub fn rewrite_shard(path: &Path, batch: &RecordBatch, update_stats: impl FnOnce
         .unwrap_or(parquet::basic::Compression::ZSTD(ZstdLevel::default()));
     drop(reader);
     let props = shard_properties(compression, kv);
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let ShardPaths { stats: stats_path, done: done_path, .. } = ShardPaths::beside(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.parquet").to_string();
-    let stem = name.strip_suffix(".parquet").unwrap_or(&name).to_string();
-    let stats_path = dir.join(format!("{stem}.stats.json"));
-    let done_path = dir.join(format!("{stem}.done"));
     let marker = std::fs::read(&done_path).ok();
     let _ = std::fs::remove_file(&done_path);
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     let f = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
     let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(|e| Error::data(format!("opening {}", tmp.display()), e))?;
     w.write(batch).map_err(|e| Error::data(format!("writing {}", tmp.display()), e))?;

@@ -9,7 +9,6 @@
 //! next batch as an uninterrupted run.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -18,8 +17,6 @@ use std::thread::JoinHandle;
 use arrow::array::{Array, BinaryArray, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, ListArray, StringArray, StructArray, UInt32Array};
 use arrow::record_batch::RecordBatch;
 use image::RgbImage;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -62,8 +59,7 @@ fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// The teachers a shard file's metadata records and whether it has synthetic captions; a file
 /// that lacks what training needs is refused, naming what is missing.
 pub fn inspect(path: &Path) -> Result<(Vec<Teacher>, bool)> {
-    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| data_err(path, format!("not a readable Parquet file: {e}")))?;
+    let b = crate::sink::open_shard(path)?;
     let schema = b.schema();
     let missing: Vec<&str> = REQUIRED.iter().copied().filter(|c| schema.field_with_name(c).is_err()).collect();
     if !missing.is_empty() {
@@ -78,11 +74,10 @@ pub fn inspect(path: &Path) -> Result<(Vec<Teacher>, bool)> {
             ),
         ));
     }
-    let meta = b.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
-    let get = |k: &str| meta.iter().find(|kv| kv.key == k).and_then(|kv| kv.value.clone());
-    let teachers: Vec<Teacher> = match get("recap.teachers") {
+    let meta = crate::sink::kv_metadata(&b);
+    let teachers: Vec<Teacher> = match meta.get("recap.teachers") {
         None => return Err(data_err(path, "has no recap.teachers metadata; expected a reinforced shard written by `recap run` with a score stage")),
-        Some(t) => serde_json::from_str(&t).map_err(|e| data_err(path, format!("recap.teachers metadata is not valid: {e}")))?,
+        Some(t) => serde_json::from_str(t).map_err(|e| data_err(path, format!("recap.teachers metadata is not valid: {e}")))?,
     };
     if teachers.is_empty() {
         return Err(data_err(path, "recap.teachers lists no teacher"));
@@ -157,19 +152,7 @@ pub fn score_quantile(scores: &[Option<f32>], fraction: f64) -> Option<f32> {
 
 /// Record batches of the named columns of one file.
 fn read_columns(path: &Path, cols: &[&str], batch: usize) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
-    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| data_err(path, format!("not a readable Parquet file: {e}")))?;
-    let schema = b.parquet_schema();
-    let roots: Vec<usize> = cols
-        .iter()
-        .map(|c| {
-            b.schema().index_of(c).map_err(|_| data_err(path, format!("lacks the column {c} that training needs")))
-        })
-        .collect::<Result<_>>()?;
-    let mask = ProjectionMask::roots(schema, roots);
-    let reader = b.with_projection(mask).with_batch_size(batch).build().map_err(|e| data_err(path, e))?;
-    let p = path.to_path_buf();
-    Ok(reader.map(move |r| r.map_err(|e| data_err(&p, format!("cannot read: {e}")))))
+    crate::sink::read_columns(path, cols, &[], batch, |c| format!("lacks the column {c} that training needs"))
 }
 
 /// One ok row, as stored.
