@@ -6,6 +6,7 @@ pub mod filter;
 pub mod shell;
 pub mod udf;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,6 @@ use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTable
 use datafusion::datasource::MemTable;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
 use crate::outcome::Status;
@@ -30,22 +30,14 @@ use crate::train::data::Teacher;
 #[derive(Debug, Clone)]
 pub struct ShardInfo {
     pub files: Vec<PathBuf>,
+    /// Column names and types (no field metadata), the same in every file.
     pub schema: SchemaRef,
-    pub schema_version: Option<String>,
-    pub reinforced_version: Option<String>,
     pub teachers: Vec<Teacher>,
 }
 
-fn footer(path: &Path) -> Result<(SchemaRef, Vec<(String, String)>)> {
-    let file = File::open(path).map_err(|e| Error::io("cannot open shard", path, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::input(path, format!("not a readable Parquet file: {e}")))?;
-    let kv = b
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|m| m.iter().filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v))).collect())
-        .unwrap_or_default();
+fn footer(path: &Path) -> Result<(SchemaRef, BTreeMap<String, String>)> {
+    let b = crate::sink::open_shard(path)?;
+    let kv = crate::sink::kv_metadata(&b);
     // Column names and types only: metadata on fields (descriptions) does not make two shards differ.
     let fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone().with_metadata(Default::default())).collect();
     Ok((Arc::new(Schema::new(fields)), kv))
@@ -56,13 +48,10 @@ fn footer(path: &Path) -> Result<(SchemaRef, Vec<(String, String)>)> {
 pub fn inspect(spec: &Path) -> Result<ShardInfo> {
     let files = crate::sink::list_shards(&spec.display().to_string())?;
     let (schema, kv) = footer(&files[0])?;
-    let get = |kv: &[(String, String)], k: &str| kv.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
-    let schema_version = get(&kv, "recap.schema_version");
-    let reinforced_version = get(&kv, "recap.reinforced_schema_version");
-    let teachers_raw = get(&kv, "recap.teachers");
     for f in &files[1..] {
         let (s, kv2) = footer(f)?;
-        let differs = |what: &str, a: Option<String>, b: Option<String>| -> Result<()> {
+        let differs = |what: &str, key: &str| -> Result<()> {
+            let (a, b) = (kv.get(key).cloned(), kv2.get(key).cloned());
             if a != b {
                 return Err(Error::input(spec, format!(
                     "shards of two {what}s: {} has {}, {} has {}; query one run's shards at a time (or rewrite the older run)",
@@ -74,9 +63,9 @@ pub fn inspect(spec: &Path) -> Result<ShardInfo> {
             }
             Ok(())
         };
-        differs("schema version", schema_version.clone(), get(&kv2, "recap.schema_version"))?;
-        differs("reinforced schema version", reinforced_version.clone(), get(&kv2, "recap.reinforced_schema_version"))?;
-        differs("teacher ensemble (recap.teachers)", teachers_raw.clone(), get(&kv2, "recap.teachers"))?;
+        differs("schema version", "recap.schema_version")?;
+        differs("reinforced schema version", "recap.reinforced_schema_version")?;
+        differs("teacher ensemble (recap.teachers)", "recap.teachers")?;
         if s.fields() != schema.fields() {
             let names = |s: &Schema| s.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>();
             let (a, b) = (names(&schema), names(&s));
@@ -91,11 +80,11 @@ pub fn inspect(spec: &Path) -> Result<ShardInfo> {
             )));
         }
     }
-    let teachers = match &teachers_raw {
+    let teachers = match kv.get("recap.teachers") {
         Some(t) => serde_json::from_str(t).map_err(|e| Error::input(&files[0], format!("recap.teachers metadata is not valid: {e}")))?,
         None => Vec::new(),
     };
-    Ok(ShardInfo { files, schema, schema_version, reinforced_version, teachers })
+    Ok(ShardInfo { files, schema, teachers })
 }
 
 /// A session with `shards`, `stats` and the embedding functions registered.
@@ -112,8 +101,7 @@ pub async fn session(spec: &Path) -> Result<(SessionContext, ShardInfo)> {
         })
         .collect::<Result<_>>()?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let schema = footer(&info.files[0]).map(|(s, _)| s)?;
-    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(info.schema.clone());
     let table = ListingTable::try_new(config).map_err(|e| Error::data("cannot open the shards as a table", e))?;
     ctx.register_table("shards", Arc::new(table)).map_err(|e| Error::data("registering shards", e))?;
     let stats = stats_batch(&info.files)?;
@@ -127,9 +115,7 @@ pub async fn session(spec: &Path) -> Result<(SessionContext, ShardInfo)> {
 pub fn stats_batch(files: &[PathBuf]) -> Result<RecordBatch> {
     let mut rows: Vec<(String, ShardStats)> = Vec::new();
     for f in files {
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let stem = name.strip_suffix(".parquet").unwrap_or(name);
-        let path = f.with_file_name(format!("{stem}.stats.json"));
+        let path = crate::sink::ShardPaths::beside(f).stats;
         if let Ok(bytes) = std::fs::read(&path) {
             let s: ShardStats = serde_json::from_slice(&bytes).map_err(|e| Error::input(&path, format!("not a stats file: {e}")))?;
             rows.push((f.display().to_string(), s));
@@ -396,12 +382,12 @@ fn displayable(a: &ArrayRef) -> (ArrayRef, DataType) {
             let b = a.as_any().downcast_ref::<BinaryArray>().expect("binary");
             summary(&|i| format!("<{} bytes>", b.value(i).len()))
         }
-        DataType::FixedSizeList(f, n) if udf_is_float(f.data_type()) && *n > 8 => {
+        DataType::FixedSizeList(f, n) if udf::is_float(f.data_type()) && *n > 8 => {
             let t = type_short(f.data_type());
             summary(&|_| format!("<{t}[{n}]>"))
         }
         DataType::List(f) => match f.data_type() {
-            DataType::FixedSizeList(g, n) if udf_is_float(g.data_type()) => {
+            DataType::FixedSizeList(g, n) if udf::is_float(g.data_type()) => {
                 let l = a.as_any().downcast_ref::<arrow::array::ListArray>().expect("list");
                 let t = type_short(g.data_type());
                 summary(&|i| format!("<{} × {t}[{n}]>", l.value_length(i)))
@@ -437,10 +423,6 @@ mod tests {
         );
         assert_eq!(super::quote_view_calls("CREATE VIEW v AS SELECT 1"), "CREATE VIEW v AS SELECT 1");
     }
-}
-
-fn udf_is_float(t: &DataType) -> bool {
-    matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
 }
 
 fn type_short(t: &DataType) -> &'static str {

@@ -38,13 +38,13 @@ use crate::train::data::Teacher;
 /// Register every function on a session. `teachers` comes from the shards' `recap.teachers`.
 pub fn register(ctx: &datafusion::prelude::SessionContext, teachers: &[Teacher]) {
     let t = Arc::new(teachers.to_vec());
-    ctx.register_udf(ScalarUDF::new_from_impl(CosineSim::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(L2Norm::new()));
+    ctx.register_udf(ScalarUDF::new_from_impl(CosineSim { signature: signature() }));
+    ctx.register_udf(ScalarUDF::new_from_impl(L2Norm { signature: signature() }));
     ctx.register_udf(ScalarUDF::new_from_impl(MatrixRow::new("view")));
     ctx.register_udf(ScalarUDF::new_from_impl(MatrixRow::new("caption_embedding")));
-    ctx.register_udf(ScalarUDF::new_from_impl(TeacherSlice { teachers: t.clone(), signature: Signature::user_defined(Volatility::Immutable) }));
-    ctx.register_udf(ScalarUDF::new_from_impl(Dims::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(Hamming::new()));
+    ctx.register_udf(ScalarUDF::new_from_impl(TeacherSlice { teachers: t.clone(), signature: signature() }));
+    ctx.register_udf(ScalarUDF::new_from_impl(Dims { signature: signature() }));
+    ctx.register_udf(ScalarUDF::new_from_impl(Hamming { signature: signature() }));
     ctx.register_udf(ScalarUDF::new_from_impl(EmbedText::new(t)));
 }
 
@@ -138,10 +138,7 @@ struct Vectors {
 
 impl Vectors {
     fn new(arg: &ColumnarValue, what: &str) -> DfResult<Self> {
-        let (array, scalar) = match arg {
-            ColumnarValue::Array(a) => (a.clone(), false),
-            ColumnarValue::Scalar(s) => (s.to_array()?, true),
-        };
+        let (array, scalar) = one_or_many(arg)?;
         if !is_vector(array.data_type()) {
             return exec_err!("{what}: expected a vector (a list of float16/32/64), got {}", array.data_type());
         }
@@ -178,7 +175,7 @@ impl Vectors {
     }
 }
 
-fn is_float(t: &DataType) -> bool {
+pub(crate) fn is_float(t: &DataType) -> bool {
     matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
 }
 
@@ -207,7 +204,21 @@ fn check_vector(name: &str, i: usize, t: &DataType) -> DfResult<DataType> {
     }
 }
 
-fn scalar_count(args: &[ColumnarValue]) -> bool {
+/// Every function here checks its own argument types (`coerce_types`).
+fn signature() -> Signature {
+    Signature::user_defined(Volatility::Immutable)
+}
+
+/// An argument as an array, and whether it was one scalar (a one-row array then, not repeated
+/// for every row).
+fn one_or_many(arg: &ColumnarValue) -> DfResult<(ArrayRef, bool)> {
+    Ok(match arg {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => (s.to_array()?, true),
+    })
+}
+
+fn all_scalar(args: &[ColumnarValue]) -> bool {
     args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)))
 }
 
@@ -244,11 +255,6 @@ struct CosineSim {
     signature: Signature,
 }
 
-impl CosineSim {
-    fn new() -> Self {
-        CosineSim { signature: Signature::user_defined(Volatility::Immutable) }
-    }
-}
 impl_eq_hash_by_name!(CosineSim);
 
 impl ScalarUDFImpl for CosineSim {
@@ -285,7 +291,7 @@ impl ScalarUDFImpl for CosineSim {
                 _ => None,
             });
         }
-        finish(Arc::new(Float32Array::from(out)), scalar_count(&args.args))
+        finish(Arc::new(Float32Array::from(out)), all_scalar(&args.args))
     }
 }
 
@@ -294,11 +300,6 @@ struct L2Norm {
     signature: Signature,
 }
 
-impl L2Norm {
-    fn new() -> Self {
-        L2Norm { signature: Signature::user_defined(Volatility::Immutable) }
-    }
-}
 impl_eq_hash_by_name!(L2Norm);
 
 impl ScalarUDFImpl for L2Norm {
@@ -320,7 +321,7 @@ impl ScalarUDFImpl for L2Norm {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let a = Vectors::new(&args.args[0], "l2_norm")?;
         let out: Float32Array = (0..args.number_rows).map(|i| a.row(i).map(|r| sq_norm(r).sqrt())).collect();
-        finish(Arc::new(out), scalar_count(&args.args))
+        finish(Arc::new(out), all_scalar(&args.args))
     }
 }
 
@@ -335,7 +336,7 @@ struct MatrixRow {
 
 impl MatrixRow {
     fn new(name: &'static str) -> Self {
-        MatrixRow { name, signature: Signature::user_defined(Volatility::Immutable) }
+        MatrixRow { name, signature: signature() }
     }
 }
 impl_eq_hash_by_name!(MatrixRow);
@@ -367,12 +368,9 @@ impl ScalarUDFImpl for MatrixRow {
         }
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let all_scalar = scalar_count(&args.args);
+        let all_scalar = all_scalar(&args.args);
         let n = args.number_rows;
-        let (matrix, m_scalar) = match &args.args[0] {
-            ColumnarValue::Array(a) => (a.clone(), false),
-            ColumnarValue::Scalar(s) => (s.to_array()?, true),
-        };
+        let (matrix, m_scalar) = one_or_many(&args.args[0])?;
         let index: Int64Array = match &args.args[1] {
             ColumnarValue::Array(a) => a.as_primitive::<Int64Type>().clone(),
             ColumnarValue::Scalar(s) => {
@@ -497,10 +495,7 @@ impl ScalarUDFImpl for TeacherSlice {
             _ => return exec_err!("teacher(v, name): name must be a literal"),
         };
         let (offset, dim) = self.locate(&name)?;
-        let (array, scalar) = match &args.args[0] {
-            ColumnarValue::Array(a) => (a.clone(), false),
-            ColumnarValue::Scalar(s) => (s.to_array()?, true),
-        };
+        let (array, scalar) = one_or_many(&args.args[0])?;
         let l = array.as_fixed_size_list();
         let width = l.value_length() as usize;
         if offset + dim > width {
@@ -528,11 +523,6 @@ struct Dims {
     signature: Signature,
 }
 
-impl Dims {
-    fn new() -> Self {
-        Dims { signature: Signature::user_defined(Volatility::Immutable) }
-    }
-}
 impl_eq_hash_by_name!(Dims);
 
 impl ScalarUDFImpl for Dims {
@@ -552,11 +542,8 @@ impl ScalarUDFImpl for Dims {
         Ok(DataType::Int32)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let all_scalar = scalar_count(&args.args);
-        let a = match &args.args[0] {
-            ColumnarValue::Array(a) => a.clone(),
-            ColumnarValue::Scalar(s) => s.to_array_of_size(args.number_rows)?,
-        };
+        let all_scalar = all_scalar(&args.args);
+        let a = args.args[0].to_array(args.number_rows)?;
         let out: Int32Array = match a.data_type() {
             DataType::FixedSizeList(_, d) => (0..a.len()).map(|i| a.is_valid(i).then_some(*d)).collect(),
             DataType::List(_) => {
@@ -578,11 +565,6 @@ struct Hamming {
     signature: Signature,
 }
 
-impl Hamming {
-    fn new() -> Self {
-        Hamming { signature: Signature::user_defined(Volatility::Immutable) }
-    }
-}
 impl_eq_hash_by_name!(Hamming);
 
 impl ScalarUDFImpl for Hamming {
@@ -607,15 +589,9 @@ impl ScalarUDFImpl for Hamming {
         Ok(DataType::Int32)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let all_scalar = scalar_count(&args.args);
+        let all_scalar = all_scalar(&args.args);
         let n = args.number_rows;
-        let get = |c: &ColumnarValue| -> DfResult<ArrayRef> {
-            Ok(match c {
-                ColumnarValue::Array(a) => a.clone(),
-                ColumnarValue::Scalar(s) => s.to_array_of_size(n)?,
-            })
-        };
-        let (a, b) = (get(&args.args[0])?, get(&args.args[1])?);
+        let (a, b) = (args.args[0].to_array(n)?, args.args[1].to_array(n)?);
         let (a, b) = (a.as_primitive::<UInt64Type>(), b.as_primitive::<UInt64Type>());
         let out: Int32Array = (0..n)
             .map(|i| (a.is_valid(i) && b.is_valid(i)).then(|| (a.value(i) ^ b.value(i)).count_ones() as i32))
@@ -651,7 +627,7 @@ impl_eq_hash_by_name!(EmbedText);
 
 impl EmbedText {
     fn new(teachers: Arc<Vec<Teacher>>) -> Self {
-        EmbedText { teachers, signature: Signature::user_defined(Volatility::Immutable), state: Mutex::new(EmbedState::default()) }
+        EmbedText { teachers, signature: signature(), state: Mutex::new(EmbedState::default()) }
     }
 
     fn dim(&self) -> usize {
@@ -710,11 +686,8 @@ impl ScalarUDFImpl for EmbedText {
         Ok(DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float16, false)), self.dim() as i32))
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let all_scalar = scalar_count(&args.args);
-        let texts = match &args.args[0] {
-            ColumnarValue::Array(a) => a.clone(),
-            ColumnarValue::Scalar(s) => s.to_array()?,
-        };
+        let all_scalar = all_scalar(&args.args);
+        let (texts, _) = one_or_many(&args.args[0])?;
         let texts = arrow::compute::cast(&texts, &DataType::Utf8)?;
         let texts = texts.as_string::<i32>();
         let d = self.dim();
