@@ -45,6 +45,7 @@ input:
 download:
   concurrency: 128          # img2dataset: 2 processes x 64 threads
   per_host: 128
+  rate_per_host: null      # img2dataset has no per-host rate limit
   timeout: 10s
   retries: 0                # img2dataset's default
   allow_private_networks: true

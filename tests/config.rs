@@ -171,3 +171,17 @@ fn per_host_follows_a_lower_concurrency_unless_written() {
     let cfg = config::parse_str(&format!("{base}download:\n  concurrency: 8\n  per_host: 12\n"), "p.yaml", &[]).unwrap();
     assert_eq!(cfg.download.per_host, 12, "a written value is kept (and refused by the plan)");
 }
+
+/// Politeness settings: a rate is requests per second above 0, `null` turns the limit off.
+#[test]
+fn rate_per_host_is_checked_and_null_means_no_limit() {
+    let base = "input:\n  path: urls.parquet\noutput:\n  path: out\n";
+    let cfg = config::parse_str(base, "p.yaml", &[]).unwrap();
+    assert_eq!(cfg.download.rate_per_host, Some(50.0));
+    assert!(cfg.download.adaptive_concurrency && !cfg.download.respect_robots_txt);
+    let cfg = config::parse_str(&format!("{base}download:\n  rate_per_host: null\n  respect_robots_txt: true\n"), "p.yaml", &[]).unwrap();
+    assert_eq!(cfg.download.rate_per_host, None);
+    assert!(cfg.download.respect_robots_txt);
+    let err = config::parse_str(&format!("{base}download:\n  rate_per_host: 0\n"), "p.yaml", &[]).unwrap_err().to_string();
+    assert!(err.contains("download.rate_per_host: 0 is less than the minimum of 0.01"), "{err}");
+}

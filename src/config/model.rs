@@ -92,6 +92,17 @@ pub struct DownloadConfig {
     /// and per_host is not written).
     #[schemars(range(min = 1))]
     pub per_host: u32,
+    /// Requests started per second to one host (a token bucket holding up to one second of
+    /// requests, at most `per_host`); `null` for no rate limit.
+    #[schemars(range(min = 0.01))]
+    pub rate_per_host: Option<f64>,
+    /// Adapt each host's requests in flight to how it answers: halved on 429, 503 or a timeout
+    /// (at most once a second), grown back by one per window of successes up to `per_host`.
+    pub adaptive_concurrency: bool,
+    /// Fetch each site's robots.txt once, and refuse URLs it disallows for our User-Agent's
+    /// product token (row status `opted_out`, the rule as reason). A robots.txt answering 429 or
+    /// 5xx disallows the whole site (RFC 9309); a missing one (4xx) allows everything.
+    pub respect_robots_txt: bool,
     /// Time allowed for one attempt: connecting, headers and body.
     pub timeout: HumanDuration,
     /// Further attempts for retryable failures (timeouts, connection errors, 5xx, 408, 429).
@@ -122,6 +133,9 @@ impl Default for DownloadConfig {
         DownloadConfig {
             concurrency: 64,
             per_host: 16,
+            rate_per_host: Some(50.0),
+            adaptive_concurrency: true,
+            respect_robots_txt: false,
             timeout: HumanDuration(std::time::Duration::from_secs(10)),
             retries: 2,
             backoff: HumanDuration(std::time::Duration::from_millis(500)),

@@ -1,9 +1,12 @@
 //! HTTP download: one reqwest client (connection reuse, a caching resolver that refuses
-//! non-public targets), a global and a per-host limit on requests in flight, retries with
+//! non-public targets), per-host politeness (a rate limit and an adaptive limit on requests in
+//! flight, [`polite`]), robots.txt ([`robots`]) fetched once per host when asked, retries with
 //! exponential back-off and jitter that honour `Retry-After`, bounded redirects, bodies streamed
 //! and cut at `max_bytes`, and `X-Robots-Tag` opt-outs. Every failure becomes a status.
 
 pub mod net;
+pub mod polite;
+pub mod robots;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,13 +17,21 @@ use rand::Rng;
 use reqwest::header::{HeaderMap, HeaderName, CONTENT_LENGTH, RETRY_AFTER};
 
 const X_ROBOTS_TAG: HeaderName = HeaderName::from_static("x-robots-tag");
-use tokio::sync::Semaphore;
+use tokio::sync::OnceCell;
 
 use crate::config::units::HumanDuration;
 use crate::config::DownloadConfig;
 use crate::outcome::Status;
 
 pub use net::Blocked;
+use polite::{HostGate, Hosts, Signal};
+use robots::Robots;
+
+/// robots.txt bodies longer than this are cut (RFC 9309 asks crawlers to read at least 500 KiB).
+const ROBOTS_MAX_BYTES: usize = 512 * 1024;
+/// Sites whose robots.txt is remembered; past this, the parsed ones are forgotten and fetched
+/// again if their host comes back (memory stays bounded on lists naming millions of hosts).
+const ROBOTS_CACHE_CAP: usize = 100_000;
 
 /// A redirect refused by our policy (too many, or a loop).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,8 +77,11 @@ impl AttemptFail {
 pub struct Fetcher {
     client: reqwest::Client,
     cfg: DownloadConfig,
-    per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// Lower-cased product token of our User-Agent, to match `X-Robots-Tag: <bot>: noai`.
+    hosts: Hosts,
+    /// robots.txt per `scheme://host:port`, fetched once however many rows wait for it.
+    robots: Mutex<HashMap<String, Arc<OnceCell<Arc<Robots>>>>>,
+    /// Lower-cased product token of our User-Agent, to match `X-Robots-Tag: <bot>: noai` and
+    /// robots.txt groups.
     product: String,
 }
 
@@ -104,13 +118,76 @@ impl Fetcher {
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let product = cfg.user_agent.split(['/', ' ']).next().unwrap_or("").to_ascii_lowercase();
-        Ok(Fetcher { client, cfg: cfg.clone(), per_host: Mutex::new(HashMap::new()), product })
+        let hosts = Hosts::new(cfg.per_host, cfg.rate_per_host, cfg.adaptive_concurrency);
+        Ok(Fetcher { client, cfg: cfg.clone(), hosts, robots: Mutex::new(HashMap::new()), product })
     }
 
-    fn host_limit(&self, url: &reqwest::Url) -> Arc<Semaphore> {
-        let key = format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0));
-        let mut map = self.per_host.lock().expect("per-host lock");
-        map.entry(key).or_insert_with(|| Arc::new(Semaphore::new(self.cfg.per_host as usize))).clone()
+    /// The politeness state of a URL's host (for tests and logs).
+    pub fn host_gate(&self, url: &reqwest::Url) -> Arc<HostGate> {
+        self.hosts.gate(&host_key(url))
+    }
+
+    /// Hosts whose politeness state is remembered.
+    pub fn hosts_remembered(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// What the site's robots.txt says about us, fetched on first use (through the host's gate:
+    /// it counts against the rate limit) and then cached; concurrent rows wait for one fetch.
+    async fn robots_for(&self, url: &reqwest::Url, gate: &Arc<HostGate>) -> Arc<Robots> {
+        let site = format!("{}://{}", url.scheme(), host_key(url));
+        let cell = {
+            let mut map = self.robots.lock().expect("robots lock");
+            if map.len() >= ROBOTS_CACHE_CAP && !map.contains_key(&site) {
+                map.retain(|_, c| !c.initialized());
+            }
+            map.entry(site).or_default().clone()
+        };
+        cell.get_or_init(|| async { Arc::new(self.fetch_robots(url, gate).await) }).await.clone()
+    }
+
+    async fn fetch_robots(&self, url: &reqwest::Url, gate: &Arc<HostGate>) -> Robots {
+        let mut u = url.clone();
+        u.set_path("/robots.txt");
+        u.set_query(None);
+        u.set_fragment(None);
+        let permit = gate.acquire().await;
+        let fetched = tokio::time::timeout(self.cfg.timeout.0, async {
+            let mut resp = self.client.get(u).send().await?;
+            let code = resp.status().as_u16();
+            let mut body = Vec::new();
+            if resp.status().is_success() {
+                while let Some(chunk) = resp.chunk().await? {
+                    body.extend_from_slice(&chunk);
+                    if body.len() >= ROBOTS_MAX_BYTES {
+                        body.truncate(ROBOTS_MAX_BYTES);
+                        break;
+                    }
+                }
+            }
+            Ok::<_, reqwest::Error>((code, body))
+        })
+        .await;
+        match fetched {
+            Ok(Ok((code, body))) => {
+                permit.record(if code == 429 || code == 503 { Signal::Overloaded } else { Signal::Ok });
+                match code {
+                    200..=299 => Robots::parse(&String::from_utf8_lossy(&body), &self.product),
+                    429 | 500..=599 => Robots::DisallowAll {
+                        why: format!("HTTP {code} for /robots.txt; RFC 9309 treats an unreachable robots.txt as disallowing all"),
+                    },
+                    // 3xx past our redirect limit, 4xx: no robots.txt, everything allowed.
+                    _ => Robots::AllowAll,
+                }
+            }
+            // A host that cannot be reached (or a refused redirect) is left to the image request,
+            // which reports its own status (download_failed, timeout, blocked).
+            Ok(Err(_)) => Robots::AllowAll,
+            Err(_) => {
+                permit.record(Signal::Overloaded);
+                Robots::AllowAll
+            }
+        }
     }
 
     /// Download one URL, with retries. Never panics; every failure is a [`Failure`].
@@ -131,13 +208,27 @@ impl Fetcher {
         if let Err(b) = net::check_literal(&parsed, self.cfg.allow_private_networks) {
             return Err(fail_now(Status::Blocked, b.0));
         }
-        let limit = self.host_limit(&parsed);
+        let gate = self.hosts.gate(&host_key(&parsed));
+        if self.cfg.respect_robots_txt {
+            let robots = self.robots_for(&parsed, &gate).await;
+            let path = match parsed.query() {
+                Some(q) => format!("{}?{q}", parsed.path()),
+                None => parsed.path().to_string(),
+            };
+            if let Some(reason) = robots.refusal(&path) {
+                let mut f = fail_now(Status::OptedOut, reason);
+                f.seconds = start.elapsed().as_secs_f64();
+                return Err(f);
+            }
+        }
         let mut downloaded = 0u64;
         let mut attempt: u32 = 0;
         loop {
             let result = {
-                let _permit = limit.acquire().await.expect("semaphore never closed");
-                self.attempt(parsed.clone()).await
+                let permit = gate.acquire().await;
+                let r = self.attempt(parsed.clone()).await;
+                permit.record(signal(&r));
+                r
             };
             let fail = match result {
                 Ok(mut body) => {
@@ -275,6 +366,21 @@ impl Fetcher {
 
     fn is_directive(&self, d: &str) -> bool {
         self.cfg.opt_out_directives.iter().any(|x| x.eq_ignore_ascii_case(d))
+    }
+}
+
+/// `host:port`, the key of per-host limits.
+fn host_key(url: &reqwest::Url) -> String {
+    format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+}
+
+/// What an attempt says about its host's load.
+fn signal(r: &Result<Body, AttemptFail>) -> Signal {
+    match r {
+        Ok(_) => Signal::Ok,
+        Err(f) if matches!(f.http_status, Some(429 | 503)) || f.status == Status::Timeout => Signal::Overloaded,
+        Err(f) if f.http_status.is_some() => Signal::Ok,
+        Err(_) => Signal::Neutral,
     }
 }
 
