@@ -66,6 +66,9 @@ pub fn check_literal(url: &reqwest::Url, allow_private: bool) -> Result<(), Bloc
     }
 }
 
+/// Host names whose answers are remembered at most.
+const DNS_CACHE_CAP: usize = 65_536;
+
 type Cache = Arc<Mutex<HashMap<String, (Instant, Vec<SocketAddr>)>>>;
 
 /// A resolver that caches answers for `ttl` and drops non-public addresses unless allowed.
@@ -89,13 +92,23 @@ impl Resolve for CachingResolver {
             cache.get(&host).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, a)| a.clone())
         };
         let allow_private = self.allow_private;
+        let ttl = self.ttl;
         let cache = self.cache.clone();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = match cached {
                 Some(a) => a,
                 None => {
                     let a: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-                    cache.lock().expect("dns cache lock").insert(host.clone(), (Instant::now(), a.clone()));
+                    let mut cache = cache.lock().expect("dns cache lock");
+                    if cache.len() >= DNS_CACHE_CAP {
+                        // Bounded memory on lists naming millions of hosts: expired answers go
+                        // first, everything if that is not enough.
+                        cache.retain(|_, (at, _)| at.elapsed() < ttl);
+                        if cache.len() >= DNS_CACHE_CAP {
+                            cache.clear();
+                        }
+                    }
+                    cache.insert(host.clone(), (Instant::now(), a.clone()));
                     a
                 }
             };
