@@ -5,12 +5,15 @@
 # Prints wall time, images/s and peak RSS (whole process tree) of each and the ratios; recap runs
 # twice: with its default resampler (`auto`: area average when shrinking, Lanczos3 when enlarging,
 # img2dataset's own choice), and with Lanczos3 throughout.
-# Usage: bash benches/vs_img2dataset.sh    (N=3000 BENCH_DIR=bench-out PORT=18080 to change;
+# WEB=photo: the photo-like web instead (`recap synth --photo`: uneven light, texture and sensor
+# noise, ~1.9 bits/pixel JPEGs as web photos are, 640x480 to 2048x1536, no PNGs).
+# Usage: bash benches/vs_img2dataset.sh    (N=3000 BENCH_DIR=bench-out PORT=18080 WEB=shapes|photo;
 #        RECAP_BIN=path/to/recap to use a release binary you already built;
 #        RECAP_ARGS="--set key=value" to pass options to both recap runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
+WEB=${WEB:-shapes}
 work=${BENCH_DIR:-bench-out}
 port=${PORT:-18080}
 mkdir -p "$work"
@@ -19,17 +22,25 @@ if [ ! -x .venv-bench/bin/img2dataset ]; then
   python3 -m venv .venv-bench
   .venv-bench/bin/pip install -q --disable-pip-version-check img2dataset
 fi
-command -v nasm > /dev/null || echo "note: nasm is not installed, so libjpeg-turbo builds without SIMD (apt-get install nasm)" >&2
+bash scripts/native-env.sh    # nasm: libjpeg-turbo with SIMD
 if [ -n "${RECAP_BIN:-}" ]; then
   recap=$RECAP_BIN
 else
   cargo build --release --no-default-features --bin recap
   recap=target/release/recap
 fi
+"$recap" --version | tail -1
 
-if [ ! -f "$work/world/world.json" ] || ! grep -q "\"count\": $N," "$work/world/world.json"; then
+case "$WEB" in
+  shapes) synth_args=(--min-size 200x150 --max-size 1600x1200 --png-fraction 0.1 --corrupt 10) ;;
+  photo) synth_args=(--photo --min-size 640x480 --max-size 2048x1536 --png-fraction 0 --corrupt 10) ;;
+  *) echo "WEB must be shapes or photo" >&2; exit 2 ;;
+esac
+
+if [ ! -f "$work/world/world.json" ] || ! grep -q "\"count\": $N," "$work/world/world.json" \
+   || ! grep -q "\"photo\": $([ "$WEB" = photo ] && echo true || echo false)" "$work/world/world.json"; then
   rm -rf "$work/world"
-  "$recap" synth --out "$work/world" --count "$N" --seed 1 --min-size 200x150 --max-size 1600x1200 --png-fraction 0.1 --corrupt 10
+  "$recap" synth --out "$work/world" --count "$N" --seed 1 "${synth_args[@]}"
 fi
 
 "$recap" synth serve "$work/world" --port "$port" --faults 404=10 > "$work/serve.log" 2>&1 &

@@ -2,6 +2,7 @@
 # The test suite, as CI runs it (.ci/run calls this): sets up what the tests need, then cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/native-env.sh         # nasm, so libjpeg-turbo builds with SIMD (a loud warning if it cannot)
 bash scripts/fetch-ort.sh          # ONNX Runtime shared library for the model stages
 bash scripts/python-env.sh
 bash scripts/browser-env.sh     # headless Chromium for the report test

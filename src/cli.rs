@@ -10,9 +10,15 @@ use crate::engine::{self, RunOptions, RunSummary, Worker};
 use crate::error::{Error, Result};
 use crate::synth::{self, ServeOptions, WorldSpec};
 
+/// `recap --version`: the version and whether the JPEG decoder has its SIMD code.
+fn long_version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| format!("{}\n{}", env!("CARGO_PKG_VERSION"), crate::imaging::jpeg::simd_note()))
+}
+
 /// recap: URL + alt-text lists in, reconciled Parquet shards out.
 #[derive(Debug, Parser)]
-#[command(name = "recap", version, about, long_about = None)]
+#[command(name = "recap", version, long_version = long_version(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -265,6 +271,10 @@ pub struct SynthGenerate {
     /// Number of deliberately corrupt image files.
     #[arg(long, default_value_t = 0)]
     pub corrupt: u64,
+    /// Photo-like image files (uneven light, texture, sensor noise: a real photo's JPEG entropy)
+    /// instead of flat shapes; masks, depth and eval rows stay the clean scene's.
+    #[arg(long)]
+    pub photo: bool,
     /// The last N samples are planted duplicates of earlier ones, alternately exact (same bytes)
     /// and near (re-encoded, slightly brighter); urls.parquet's duplicate_of names the original.
     #[arg(long, default_value_t = 0)]
@@ -392,6 +402,9 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     format!("; models ok: {}", parts.join(", "))
                 }
             };
+            if !crate::imaging::jpeg::simd() {
+                eprintln!("warning: this recap binary's {}", crate::imaging::jpeg::simd_note());
+            }
             out!(
                 "{}: ok ({} input file{}, columns: {}; config hash {}{models})",
                 a.pipeline.display(),
@@ -599,6 +612,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     png_fraction: g.png_fraction,
                     corrupt: g.corrupt,
                     duplicates: g.duplicates,
+                    photo: g.photo,
                     ..Default::default()
                 };
                 if let Some(n) = &g.noise {

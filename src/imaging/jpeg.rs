@@ -64,6 +64,28 @@ fn run<T>(f: impl FnOnce() -> std::io::Result<T>) -> Result<T, String> {
     }
 }
 
+extern "C" {
+    /// libjpeg-turbo's SIMD dispatch: 1 when the inverse DCT runs on SIMD code, 0 when the
+    /// library was built without it (`jsimd_none.c`: no nasm at build time) or the CPU lacks it.
+    fn jsimd_can_idct_islow() -> c_int;
+}
+
+/// Does the linked libjpeg-turbo decode with SIMD? (It is built by mozjpeg-sys, with SIMD only
+/// when `nasm` was found at build time: `scripts/native-env.sh` installs it.)
+pub fn simd() -> bool {
+    // SAFETY: a C function without arguments that reads CPU flags once and returns a flag.
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
+/// One line for `recap --version` and `recap validate`.
+pub fn simd_note() -> &'static str {
+    if simd() {
+        "libjpeg-turbo with SIMD"
+    } else {
+        "libjpeg-turbo WITHOUT SIMD (nasm was missing at build time: JPEG decode ~2x slower; run scripts/native-env.sh, then `cargo clean -p mozjpeg-sys` and rebuild)"
+    }
+}
+
 /// Width and height from the JPEG header.
 pub fn header_size(bytes: &[u8]) -> Result<(u32, u32), String> {
     run(|| {

@@ -3,7 +3,8 @@
 //! refused before a pixel is decoded), and JPEGs much larger than the target are decoded at
 //! 1/2, 1/4 or 1/8 scale in the DCT domain by libjpeg-turbo (`jpeg.rs`).
 
-mod jpeg;
+pub mod jpeg;
+pub mod tiff;
 pub mod phash;
 
 use std::cell::RefCell;
@@ -43,7 +44,7 @@ fn refuse(status: Status, reason: impl Into<String>, original: Option<(u32, u32)
 pub fn process(bytes: &[u8], cfg: &ImageConfig) -> Result<Processed, Refused> {
     let mut secs = StageSeconds::default();
     let t0 = Instant::now();
-    let format = image::guess_format(bytes).map_err(|_| {
+    let format = image::guess_format(bytes).or_else(|e| if tiff::is_tiff(bytes) { Ok(CodecFormat::Tiff) } else { Err(e) }).map_err(|_| {
         let head: String = bytes.iter().take(16).map(|b| if b.is_ascii_graphic() { *b as char } else { '.' }).collect();
         refuse(Status::DecodeFailed, format!("not a recognised image format (starts with {head:?})"), None, secs)
     })?;
@@ -103,6 +104,10 @@ fn header_size(bytes: &[u8], format: CodecFormat) -> Result<(u32, u32), String> 
     if format == CodecFormat::Jpeg {
         return jpeg::header_size(bytes);
     }
+    if format == CodecFormat::Tiff {
+        // Our own IFD read: BigTIFF, and TIFFs whose colour type `image` refuses, still have a size.
+        return tiff::header_size(bytes);
+    }
     ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(|e| e.to_string())
 }
 
@@ -158,13 +163,23 @@ fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConf
         let mut limits = image::Limits::default();
         limits.max_alloc = Some(cfg.max_pixels.saturating_mul(8).max(64 << 20));
         reader.limits(limits);
-        let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+        // YCbCr-JPEG, CIELab, 12-bit and other depths: libtiff reads them, so do we.
+        let tiff_fallback = |e: String| match tiff::decode(bytes, cfg.max_pixels) {
+            Ok(rgb) => Ok((DynamicImage::ImageRgb8(rgb), image::metadata::Orientation::NoTransforms)),
+            Err(own) => Err(format!("{e}; recap's own TIFF reader: {own}")),
+        };
+        let mut decoder = match reader.into_decoder() {
+            Ok(d) => d,
+            Err(e) if format == CodecFormat::Tiff => return tiff_fallback(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        };
         let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
         match DynamicImage::from_decoder(decoder) {
             Ok(img) => Ok((img, orientation)),
             Err(e) if format == CodecFormat::Gif && e.to_string().contains("no color table") => {
                 Ok((gif_without_palette(bytes, cfg)?, image::metadata::Orientation::NoTransforms))
             }
+            Err(e) if format == CodecFormat::Tiff => tiff_fallback(e.to_string()),
             Err(e) => Err(e.to_string()),
         }
     };
