@@ -49,6 +49,9 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(format!("libjpeg_{k}of8"), &label), &bytes, |b, bytes| {
                 b.iter(|| recap::imaging::jpeg::decode_scaled(bytes, k).expect("decodes"))
             });
+            group.bench_with_input(BenchmarkId::new(format!("libjpeg_{k}of8_fast"), &label), &bytes, |b, bytes| {
+                b.iter(|| recap::imaging::jpeg::decode_scaled_opts(bytes, k, true).expect("decodes"))
+            });
         }
     }
     group.finish();

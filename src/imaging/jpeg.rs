@@ -105,6 +105,12 @@ pub fn header_size(bytes: &[u8]) -> Result<(u32, u32), String> {
 /// A JPEG decoded at `k`/8 of its size (k in 1..=8) to RGB, with its EXIF orientation; `None`
 /// when the colour space needs the general decoder (CMYK, YCCK).
 pub fn decode_scaled(bytes: &[u8], k: u32) -> Result<Option<(image::RgbImage, Orientation)>, String> {
+    decode_scaled_opts(bytes, k, false)
+}
+
+/// [`decode_scaled`] with libjpeg's fast options when `fast` (merged chroma upsampling instead
+/// of "fancy" triangle filtering, integer-fast IDCT): for benches/imaging.rs.
+pub fn decode_scaled_opts(bytes: &[u8], k: u32, fast: bool) -> Result<Option<(image::RgbImage, Orientation)>, String> {
     let decoded = run(|| {
         let mut d = mozjpeg::Decompress::with_err(error_mgr()).with_markers(&[mozjpeg::Marker::APP(1)]).from_mem(bytes)?;
         if !matches!(d.color_space(), C::JCS_YCbCr | C::JCS_GRAYSCALE | C::JCS_RGB) {
@@ -116,6 +122,10 @@ pub fn decode_scaled(bytes: &[u8], k: u32) -> Result<Option<(image::RgbImage, Or
             .find_map(|m| m.data.strip_prefix(b"Exif\0\0").and_then(Orientation::from_exif_chunk))
             .unwrap_or(Orientation::NoTransforms);
         d.scale(k.clamp(1, 8) as u8);
+        if fast {
+            d.do_fancy_upsampling(false);
+            d.dct_method(mozjpeg::DctMethod::IntegerFast);
+        }
         let mut started = d.rgb()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
         let pixels: Vec<u8> = started.read_scanlines()?;

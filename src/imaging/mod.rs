@@ -150,9 +150,10 @@ pub fn dct_scale(w: u32, h: u32, cfg: &ImageConfig) -> u32 {
 fn decode(bytes: &[u8], format: CodecFormat, (w, h): (u32, u32), cfg: &ImageConfig) -> Result<Decoded, String> {
     if format == CodecFormat::Jpeg {
         let k = dct_scale(w, h, cfg);
-        // Reduced sizes go through libjpeg-turbo's scaled IDCT (PIL's `draft()`); full size through
-        // zune-jpeg, as fast as libjpeg-turbo there and needing no C (benches/imaging.rs).
-        if k < 8 {
+        // Reduced sizes go through libjpeg-turbo's scaled IDCT (PIL's `draft()`). Full size too
+        // when libjpeg-turbo has its SIMD code (5% faster than zune-jpeg on photo-like JPEGs:
+        // 10.2 vs 10.7 ms at 2048x1536, benches/imaging.rs `photo`); without SIMD, zune-jpeg.
+        if k < 8 || jpeg::simd() {
             if let Some(d) = decode_jpeg_scaled(bytes, w, h, k)? {
                 return Ok(d);
             }

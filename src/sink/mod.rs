@@ -429,6 +429,7 @@ impl ShardWriter {
         write_atomic(&paths.stats, &serde_json::to_vec_pretty(stats).expect("stats serialise"))?;
         let marker = DoneMarker { rows: batch.num_rows() as u64, config_hash: stats.config_hash.clone() };
         write_atomic(&paths.done, &serde_json::to_vec(&marker).expect("marker serialises"))?;
+        tracing::info!(shard, rows = batch.num_rows(), bytes, "shard committed");
         Ok(bytes)
     }
 }
