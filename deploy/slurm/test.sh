@@ -58,6 +58,13 @@ for _ in $(seq 600); do grep -q "shard committed" "$log1" 2>/dev/null && break; 
 grep -q "shard committed" "$log1" || { echo "task 1 never committed a shard"; cat "$work"/recap-*.log; exit 1; }
 scontrol requeue "${job}_1"
 echo "requeued task 1 after: $(grep -c 'shard committed' "$log1") shard(s) committed"
+# Slurm holds a requeued job back for a while (its begin time moves ~2-3 minutes ahead); let it
+# start again now.
+for _ in $(seq 100); do
+  squeue -h -j "${job}_1" -o %T 2>/dev/null | grep -q PENDING && break
+  sleep 0.1
+done
+scontrol update JobId="${job}_1" StartTime=now || true
 for _ in $(seq 600); do
   [ -z "$(squeue -h -j "$job" 2>/dev/null)" ] && break
   sleep 0.5
