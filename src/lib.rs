@@ -16,6 +16,7 @@ pub mod panics;
 pub mod reinforce;
 pub mod report;
 pub mod sink;
+pub mod storage;
 pub mod source;
 
 

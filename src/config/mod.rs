@@ -69,6 +69,8 @@ pub fn parse_str(text: &str, label: &str, overrides: &[String]) -> Result<Pipeli
     if !per_host_written {
         cfg.download.per_host = cfg.download.per_host.min(cfg.download.concurrency);
     }
+    cfg.input.storage = cfg.storage.clone();
+    cfg.output.storage = cfg.storage.clone();
     Ok(cfg)
 }
 

@@ -33,6 +33,40 @@ pub struct PipelineConfig {
     /// Parallelism of the engine itself.
     #[serde(default)]
     pub engine: EngineConfig,
+    /// Object store settings for `s3://`, `gs://`, `az://` input and output paths (optional; the
+    /// usual environment variables are read too). Never written into shard metadata.
+    #[serde(default, skip_serializing)]
+    pub storage: StorageConfig,
+}
+
+/// Object store settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// object_store configuration keys and values, over the environment's: e.g. `aws_endpoint:
+    /// http://127.0.0.1:9000`, `aws_allow_http: "true"`, `aws_region: us-east-1`,
+    /// `google_service_account: /path/key.json`, `azure_storage_account_name: acct`.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Shard files larger than this go up as multipart uploads (default 16MB).
+    #[serde(default = "default_multipart_threshold")]
+    pub multipart_threshold: ByteSize,
+    /// Part size of multipart uploads (default 8MB; S3 needs at least 5MiB but for the last part).
+    #[serde(default = "default_part_size")]
+    pub part_size: ByteSize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { options: Default::default(), multipart_threshold: default_multipart_threshold(), part_size: default_part_size() }
+    }
+}
+
+fn default_multipart_threshold() -> ByteSize {
+    ByteSize(16_000_000)
+}
+fn default_part_size() -> ByteSize {
+    ByteSize(8_000_000)
 }
 
 /// Input file format; detected from the file extension when not given.
@@ -51,7 +85,8 @@ pub enum InputFormat {
 pub struct InputConfig {
     /// A file (`.parquet`, `.csv`, `.tsv`, `.jsonl`, each optionally `.gz` except Parquet), a glob
     /// such as `lists/*.parquet`, or a directory whose files of those kinds are read in name order.
-    /// Relative paths are relative to the current directory.
+    /// Relative paths are relative to the current directory. Object store URLs (`s3://b/lists/`,
+    /// `s3://b/lists/*.parquet`, `gs://...`) are downloaded to a local staging directory first.
     pub path: String,
     /// Format of the files; by default taken from each file's extension.
     #[serde(default)]
@@ -69,6 +104,10 @@ pub struct InputConfig {
     #[serde(default = "default_rows_per_shard")]
     #[schemars(range(min = 1))]
     pub rows_per_shard: u64,
+    /// The pipeline's `storage` block, copied here when the file is read (not a key of `input`).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub storage: StorageConfig,
 }
 
 fn default_url_column() -> String {
@@ -252,7 +291,8 @@ pub enum Compression {
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Directory of the shards: `NNNNN.parquet`, `NNNNN.stats.json` and the completion marker
-    /// `NNNNN.done` per shard. Created if missing.
+    /// `NNNNN.done` per shard. Created if missing. Or an object store prefix (`s3://bucket/run1`,
+    /// `gs://...`, `az://...`): shards are staged locally and uploaded, the marker last.
     pub path: String,
     /// Parquet compression codec.
     #[serde(default = "default_compression")]
@@ -260,6 +300,10 @@ pub struct OutputConfig {
     /// zstd level (1–22) or gzip level (0–9); the codec's default when absent.
     #[serde(default)]
     pub compression_level: Option<u32>,
+    /// The pipeline's `storage` block, copied here when the file is read (not a key of `output`).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub storage: StorageConfig,
 }
 
 fn default_compression() -> Compression {

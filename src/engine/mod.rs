@@ -129,7 +129,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let worker = opts.worker;
     let mut mine_rows = 0u64;
     for s in 0..shards_total {
-        if worker.owns(s) && (!writer.paths(s).is_complete() || opts.retry_failed) {
+        if worker.owns(s) && (!writer.is_complete(s) || opts.retry_failed) {
             mine_rows += rps.min(total_rows - s * rps);
         }
     }
@@ -161,9 +161,8 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
                     Err(e) => Err(e),
                     Ok(s) if !worker.owns(s.index) => continue,
                     Ok(s) => {
-                        let paths = reader_writer.paths(s.index);
-                        if paths.is_complete() {
-                            if let Some(m) = sink::read_marker(&paths) {
+                        if reader_writer.is_complete(s.index) {
+                            if let Some(m) = reader_writer.marker(s.index) {
                                 if m.config_hash != config_hash {
                                     tracing::warn!(shard = s.index, old = %m.config_hash, new = %config_hash,
                                         "shard was completed with a different pipeline config; kept (delete it to redo)");
@@ -406,6 +405,8 @@ pub fn sql_filter(plan: &Plan, stages: Option<&Stages>) -> Result<Option<Arc<Sql
 
 async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index: u64) -> Result<ShardDone> {
     let start = Instant::now();
+    let w = writer.clone();
+    tokio::task::spawn_blocking(move || w.fetch(index)).await.map_err(|e| Error::Internal(e.to_string()))??;
     let paths = writer.paths(index);
     let p = paths.parquet.clone();
     let (batch, _) = tokio::task::spawn_blocking(move || sink::read_shard(&p)).await.map_err(|e| Error::Internal(e.to_string()))??;

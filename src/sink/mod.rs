@@ -361,15 +361,33 @@ fn shard_properties(compression: parquet::basic::Compression, kv: Vec<KeyValue>)
         .build()
 }
 
-/// Writes shards into one directory.
+/// Writes shards into one directory, or stages them in one and uploads them to an object store
+/// prefix (the marker last).
 pub struct ShardWriter {
     dir: PathBuf,
     props: WriterProperties,
+    remote: Option<crate::storage::Remote>,
+    /// Shards whose marker is in the object store (listed at start, added to as shards commit).
+    remote_done: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl ShardWriter {
     pub fn new(cfg: &OutputConfig, config_hash: &str, config_json: &str, schema_version: u32, extra: Vec<(String, String)>) -> Result<Self> {
-        let dir = PathBuf::from(&cfg.path);
+        let (dir, remote, remote_done) = if crate::storage::is_url(&cfg.path) {
+            let remote = crate::storage::Remote::open(&cfg.path, &cfg.storage)?;
+            // A killed run may have left multipart uploads open: abort them before anything else.
+            let r = remote.clone();
+            let (aborted, done) = crate::storage::blocking(async move {
+                let aborted = r.abort_interrupted().await?;
+                Ok::<_, Error>((aborted, r.completed().await?))
+            })?;
+            for a in aborted {
+                tracing::warn!(object = %a, "aborted a multipart upload an interrupted run left open");
+            }
+            (crate::storage::staging_dir(&cfg.path, "shards")?, Some(remote), done)
+        } else {
+            (PathBuf::from(&cfg.path), None, Default::default())
+        };
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create output directory", &dir, e))?;
         let compression = match cfg.compression {
             Compression::Zstd => parquet::basic::Compression::ZSTD(
@@ -393,11 +411,54 @@ impl ShardWriter {
             .chain(extra.into_iter().map(|(k, v)| KeyValue::new(k, v)))
             .collect(),
         );
-        Ok(ShardWriter { dir, props })
+        Ok(ShardWriter { dir, props, remote, remote_done: std::sync::Mutex::new(remote_done) })
     }
 
+    /// Local paths of a shard (the staging copy when the output is an object store).
     pub fn paths(&self, shard: u64) -> ShardPaths {
         ShardPaths::new(&self.dir, shard)
+    }
+
+    /// Has this shard been committed (marker present, locally or in the object store)?
+    pub fn is_complete(&self, shard: u64) -> bool {
+        match &self.remote {
+            Some(_) => self.remote_done.lock().expect("remote set").contains(&shard),
+            None => self.paths(shard).is_complete(),
+        }
+    }
+
+    /// The completion marker of a committed shard.
+    pub fn marker(&self, shard: u64) -> Option<DoneMarker> {
+        match &self.remote {
+            Some(r) => {
+                let path = r.child(&format!("{shard:05}.done"));
+                let r = r.clone();
+                let bytes = crate::storage::blocking(async move { r.get(&path).await }).ok()?;
+                serde_json::from_slice(&bytes).ok()
+            }
+            None => read_marker(&self.paths(shard)),
+        }
+    }
+
+    /// Bring a committed shard's files into the local directory (for `--retry-failed`); a no-op
+    /// for local output.
+    pub fn fetch(&self, shard: u64) -> Result<()> {
+        let Some(r) = &self.remote else { return Ok(()) };
+        let paths = self.paths(shard);
+        let r = r.clone();
+        crate::storage::blocking(async move {
+            r.download(&format!("{shard:05}.parquet"), &paths.parquet).await?;
+            r.download(&format!("{shard:05}.stats.json"), &paths.stats).await?;
+            r.download(&format!("{shard:05}.done"), &paths.done).await
+        })
+    }
+
+    /// Where shards end up, for messages.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url.to_string(),
+            None => self.dir.display().to_string(),
+        }
     }
 
     /// Write the batch and stats atomically, then the completion marker. Returns bytes written.
@@ -429,6 +490,22 @@ impl ShardWriter {
         write_atomic(&paths.stats, &serde_json::to_vec_pretty(stats).expect("stats serialise"))?;
         let marker = DoneMarker { rows: batch.num_rows() as u64, config_hash: stats.config_hash.clone() };
         write_atomic(&paths.done, &serde_json::to_vec(&marker).expect("marker serialises"))?;
+        if let Some(r) = &self.remote {
+            // No rename in an object store: the marker, uploaded last, is the commit point. A
+            // rewrite takes the old marker away first, as the local path does.
+            let r = r.clone();
+            let p = paths.clone();
+            crate::storage::blocking(async move {
+                r.delete(&format!("{shard:05}.done")).await?;
+                r.upload_file(&p.parquet, &format!("{shard:05}.parquet")).await?;
+                r.upload_file(&p.stats, &format!("{shard:05}.stats.json")).await?;
+                r.upload_file(&p.done, &format!("{shard:05}.done")).await
+            })?;
+            self.remote_done.lock().expect("remote set").insert(shard);
+            for f in [&paths.parquet, &paths.stats, &paths.done] {
+                let _ = std::fs::remove_file(f);
+            }
+        }
         tracing::info!(shard, rows = batch.num_rows(), bytes, "shard committed");
         Ok(bytes)
     }

@@ -216,7 +216,60 @@ fn needed_columns(cfg: &InputConfig) -> Vec<String> {
     v
 }
 
+/// An object store input (a file, a prefix, or a glob over one prefix's names) downloaded to a
+/// local staging directory (files already there at the same size are kept); the local path.
+fn stage_remote_input(cfg: &InputConfig) -> crate::Result<String> {
+    use crate::storage::{blocking, staging_dir, Remote};
+    let url = cfg.path.as_str();
+    let dir = staging_dir(url, "input")?;
+    let (base, pattern) = match url.rsplit_once('/') {
+        Some((base, last)) if last.contains(['*', '?', '[']) => (base, Some(last)),
+        _ => (url.trim_end_matches('/'), None),
+    };
+    let pattern = pattern
+        .map(|p| glob::Pattern::new(p).map_err(|e| crate::Error::Usage(format!("input.path: bad glob {p:?}: {e}"))))
+        .transpose()?;
+    let remote = Remote::open(base, &cfg.storage)?;
+    let dir2 = dir.clone();
+    blocking(async move {
+        // One object, or the names under a prefix.
+        if pattern.is_none() {
+            if let Ok(meta) = object_store::ObjectStoreExt::head(&remote.store, &remote.prefix).await {
+                let name = remote.prefix.filename().unwrap_or("input").to_string();
+                let local = dir2.join(&name);
+                if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(meta.size) {
+                    let bytes = remote.get(&remote.prefix).await?;
+                    std::fs::write(&local, &bytes).map_err(|e| crate::Error::io("cannot write", &local, e))?;
+                }
+                return Ok(local.display().to_string());
+            }
+        }
+        let names = remote.list_names().await?;
+        let mut n = 0;
+        for (name, size) in names {
+            if name.starts_with('.') || pattern.as_ref().is_some_and(|p| !p.matches(&name)) {
+                continue;
+            }
+            let local = dir2.join(&name);
+            if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(size) {
+                remote.download(&name, &local).await?;
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return Err(crate::Error::Usage(format!("{url} names no objects")));
+        }
+        Ok(dir2.display().to_string())
+    })
+}
+
 fn resolve_files(cfg: &InputConfig) -> std::result::Result<Vec<InputFile>, Vec<Problem>> {
+    if crate::storage::is_url(&cfg.path) {
+        let local = stage_remote_input(cfg).map_err(|e| vec![problem("input.path", e.to_string())])?;
+        let mut staged = cfg.clone();
+        staged.path = local;
+        return resolve_files(&staged);
+    }
     let p = Path::new(&cfg.path);
     let mut paths: Vec<PathBuf> = Vec::new();
     let is_glob = cfg.path.contains(['*', '?', '[']);

@@ -1,0 +1,254 @@
+//! Object stores (`s3://`, `gs://`, `az://`, `file://`) through the `object_store` crate, at the
+//! version DataFusion builds. Credentials and endpoints come from the usual environment variables
+//! (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`,
+//! ...) and the pipeline's optional `storage.options` (object_store's keys: `aws_endpoint`,
+//! `aws_allow_http`, `aws_region`, ...), which win.
+//!
+//! Object stores have no rename, so a shard's commit point is its completion marker, uploaded
+//! last: Parquet first (multipart above `storage.multipart_threshold`, with a `.NNNNN.upload` record
+//! naming the upload so a rerun after a kill aborts it), then the stats, then `NNNNN.done`.
+//! Readers trust only shards with their marker.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::config::StorageConfig;
+use crate::error::{Error, Result};
+
+
+/// Is this a URL recap should open through an object store (rather than a local path)?
+pub fn is_url(s: &str) -> bool {
+    matches!(s.split_once("://"), Some((scheme, _)) if matches!(scheme, "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "file"))
+}
+
+/// A store and the prefix a URL names in it.
+#[derive(Clone)]
+pub struct Remote {
+    pub url: url::Url,
+    pub store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+    pub prefix: ObjPath,
+    threshold: usize,
+    part: usize,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({})", self.url)
+    }
+}
+
+fn store_error(what: &str, url: &str, e: impl std::fmt::Display) -> Error {
+    let text = e.to_string();
+    let hint = if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") || text.contains("AccessDenied") {
+        " (the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.options)"
+    } else if text.contains("NoSuchBucket") {
+        " (no such bucket)"
+    } else {
+        ""
+    };
+    Error::Usage(format!("{what} {url}: {text}{hint}"))
+}
+
+impl Remote {
+    /// Open `url` with `storage.options` (object_store config keys) over the environment's.
+    pub fn open(url: &str, storage: &StorageConfig) -> Result<Remote> {
+        let options: &BTreeMap<String, String> = &storage.options;
+        let parsed = url::Url::parse(url).map_err(|e| Error::Usage(format!("{url}: not a URL: {e}")))?;
+        let bad_key = |k: &str, e: object_store::Error| Error::Usage(format!("storage.options.{k}: {e}"));
+        let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) = match parsed.scheme() {
+            "s3" | "s3a" => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                let s = Arc::new(b.build().map_err(|e| store_error("cannot open", url, e))?);
+                (s.clone(), Some(s))
+            }
+            "gs" => {
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                let s = Arc::new(b.build().map_err(|e| store_error("cannot open", url, e))?);
+                (s.clone(), Some(s))
+            }
+            "az" | "abfs" | "abfss" | "azure" => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                let s = Arc::new(b.build().map_err(|e| store_error("cannot open", url, e))?);
+                (s.clone(), Some(s))
+            }
+            "file" => (Arc::new(object_store::local::LocalFileSystem::new()), None),
+            other => return Err(Error::Usage(format!("{url}: unsupported scheme {other:?}; expected s3, gs, az or file"))),
+        };
+        let prefix = if parsed.scheme() == "file" {
+            ObjPath::from_url_path(parsed.path()).map_err(|e| Error::Usage(format!("{url}: {e}")))?
+        } else {
+            ObjPath::from_url_path(parsed.path()).map_err(|e| Error::Usage(format!("{url}: {e}")))?
+        };
+        Ok(Remote {
+            url: parsed,
+            store,
+            multipart,
+            prefix,
+            threshold: storage.multipart_threshold.0 as usize,
+            part: (storage.part_size.0 as usize).max(1 << 20),
+        })
+    }
+
+    /// The object `name` under the prefix.
+    pub fn child(&self, name: &str) -> ObjPath {
+        self.prefix.clone().join(name)
+    }
+
+    /// Object names directly under the prefix (one level, as a directory listing).
+    pub async fn list_names(&self) -> Result<Vec<(String, u64)>> {
+        let prefix = if self.prefix.as_ref().is_empty() { None } else { Some(&self.prefix) };
+        let list = self.store.list(prefix).try_collect::<Vec<_>>().await.map_err(|e| store_error("cannot list", self.url.as_str(), e))?;
+        let mut out: Vec<(String, u64)> = list
+            .into_iter()
+            .filter_map(|m| {
+                let rest = m.location.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect::<Vec<_>>();
+                (rest.len() == 1).then(|| (rest[0].clone(), m.size))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Shard indices whose completion marker is present.
+    pub async fn completed(&self) -> Result<HashSet<u64>> {
+        Ok(self
+            .list_names()
+            .await?
+            .into_iter()
+            .filter_map(|(n, _)| n.strip_suffix(".done").and_then(|s| s.parse::<u64>().ok()))
+            .collect())
+    }
+
+    pub async fn get(&self, path: &ObjPath) -> Result<bytes::Bytes> {
+        let r = self.store.get(path).await.map_err(|e| store_error("cannot read", &format!("{}/{path}", self.base()), e))?;
+        r.bytes().await.map_err(|e| store_error("cannot read", &format!("{}/{path}", self.base()), e))
+    }
+
+    pub async fn download(&self, name: &str, to: &Path) -> Result<()> {
+        let bytes = self.get(&self.child(name)).await?;
+        std::fs::write(to, &bytes).map_err(|e| Error::io("cannot write", to, e))
+    }
+
+    fn base(&self) -> String {
+        format!("{}://{}", self.url.scheme(), self.url.host_str().unwrap_or(""))
+    }
+
+    /// Upload a local file to `name`: one PUT, or a multipart upload recorded in
+    /// `.<name>.upload` (the upload id) so a rerun after a kill can abort it.
+    pub async fn upload_file(&self, from: &Path, name: &str) -> Result<()> {
+        let data = std::fs::read(from).map_err(|e| Error::io("cannot read", from, e))?;
+        let to = self.child(name);
+        let url = format!("{}/{}", self.url.as_str().trim_end_matches('/'), name);
+        match &self.multipart {
+            Some(mp) if data.len() > self.threshold => {
+                let record = self.child(&format!(".{name}.upload"));
+                let id = mp.create_multipart(&to).await.map_err(|e| store_error("cannot start a multipart upload to", &url, e))?;
+                self.store.put(&record, PutPayload::from(id.clone().into_bytes())).await.map_err(|e| store_error("cannot write", &url, e))?;
+                let mut parts: Vec<PartId> = Vec::new();
+                for (i, chunk) in data.chunks(self.part).enumerate() {
+                    let part = mp
+                        .put_part(&to, &id, i, PutPayload::from(bytes::Bytes::copy_from_slice(chunk)))
+                        .await
+                        .map_err(|e| store_error("cannot upload a part of", &url, e))?;
+                    parts.push(part);
+                }
+                mp.complete_multipart(&to, &id, parts).await.map_err(|e| store_error("cannot complete the upload of", &url, e))?;
+                let _ = self.store.delete(&record).await;
+            }
+            _ => {
+                self.store.put(&to, PutPayload::from(data)).await.map_err(|e| store_error("cannot write", &url, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Abort multipart uploads a killed run left (their `.NAME.upload` records), delete the records.
+    pub async fn abort_interrupted(&self) -> Result<Vec<String>> {
+        let mut aborted = Vec::new();
+        let Some(mp) = &self.multipart else { return Ok(aborted) };
+        for (name, _) in self.list_names().await? {
+            let Some(target) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".upload")) else { continue };
+            let record = self.child(&name);
+            let id = String::from_utf8_lossy(&self.get(&record).await?).to_string();
+            // An upload the store already forgot (completed or expired) is not an error here.
+            let _ = mp.abort_multipart(&self.child(target), &id).await;
+            self.store.delete(&record).await.map_err(|e| store_error("cannot delete", &format!("{}/{name}", self.url), e))?;
+            aborted.push(target.to_string());
+        }
+        Ok(aborted)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.store.delete(&self.child(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error("cannot delete", &format!("{}/{name}", self.url), e)),
+        }
+    }
+}
+
+/// Run a future to completion from synchronous code, wherever it is called (inside or outside a
+/// Tokio runtime): on a scoped thread with its own small runtime.
+pub fn blocking<T: Send>(fut: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime").block_on(fut)
+        })
+        .join()
+        .expect("the storage thread does not panic")
+    })
+}
+
+/// A local directory for what a URL needs on disk (staged shards, downloaded lists): under
+/// `RECAP_STAGING` or the system temporary directory, one per URL.
+pub fn staging_dir(url: &str, kind: &str) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let base = std::env::var_os("RECAP_STAGING").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let hash = hex::encode(&Sha256::digest(url.as_bytes())[..8]);
+    let dir = base.join(format!("recap-{kind}-{hash}"));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_paths() {
+        assert!(is_url("s3://bucket/prefix") && is_url("gs://b/x") && is_url("az://c/x") && is_url("file:///tmp/x"));
+        assert!(!is_url("shards/") && !is_url("/abs/path") && !is_url("http://example.org/x.parquet"));
+    }
+
+    #[tokio::test]
+    async fn file_urls_list_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/out", dir.path().display());
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        let r = Remote::open(&url, &StorageConfig::default()).unwrap();
+        let f = dir.path().join("x.bin");
+        std::fs::write(&f, b"hello").unwrap();
+        r.upload_file(&f, "00003.done").await.unwrap();
+        r.upload_file(&f, "00003.parquet").await.unwrap();
+        assert_eq!(r.completed().await.unwrap(), HashSet::from([3]));
+        assert_eq!(&r.get(&r.child("00003.parquet")).await.unwrap()[..], b"hello");
+        r.delete("00003.done").await.unwrap();
+        r.delete("00003.done").await.unwrap();
+        assert!(r.completed().await.unwrap().is_empty());
+    }
+}

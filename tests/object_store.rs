@@ -1,0 +1,287 @@
+//! Input lists and shards in an S3 bucket, against a real S3-protocol server: moto's
+//! (`moto_server`, PyPI `moto[server]`, installed in .venv by scripts/python-env.sh), started by
+//! each test on a free loopback port. The recap binary runs as a user runs it.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use recap::config::StorageConfig;
+use recap::storage::{blocking, Remote};
+use recap::synth::ServeOptions;
+
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_server() -> PathBuf {
+    let python = std::env::var("RECAP_PYTHON").unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python").display().to_string());
+    let bin = Path::new(&python).with_file_name("moto_server");
+    assert!(bin.is_file(), "{} is missing: run scripts/python-env.sh (installs moto[server])", bin.display());
+    bin
+}
+
+/// A moto S3 server on a free port; `auth`: check credentials (moto's IAM), refusing unknown keys.
+fn start_moto(auth: bool) -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new(moto_server());
+    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
+    if auth {
+        cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+    }
+    let child = cmd.spawn().expect("moto_server starts");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Moto { child, endpoint }
+}
+
+fn create_bucket(m: &Moto, bucket: &str) {
+    let url = format!("{}/{bucket}", m.endpoint);
+    let status = blocking(async move { reqwest::Client::new().put(url).send().await.unwrap().status() });
+    assert!(status.is_success(), "create bucket: {status}");
+}
+
+fn storage(m: &Moto, key: &str) -> StorageConfig {
+    let mut s = StorageConfig::default();
+    for (k, v) in [
+        ("aws_endpoint", m.endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", key),
+        ("aws_secret_access_key", "secret"),
+    ] {
+        s.options.insert(k.into(), v.into());
+    }
+    s
+}
+
+fn storage_yaml(m: &Moto, key: &str, threshold: &str) -> String {
+    format!(
+        "storage:\n  multipart_threshold: {threshold}\n  part_size: 5MiB\n  options:\n    aws_endpoint: {}\n    aws_allow_http: \"true\"\n    aws_region: us-east-1\n    aws_access_key_id: {key}\n    aws_secret_access_key: secret\n",
+        m.endpoint
+    )
+}
+
+fn recap(args: &[&str], staging: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_recap"))
+        .args(args)
+        .env("RECAP_STAGING", staging)
+        // The environment's AWS settings must not leak into the test.
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap()
+}
+
+/// Multipart uploads the server still has open for `key` (S3 ListMultipartUploads).
+fn open_uploads(m: &Moto, bucket: &str) -> String {
+    let url = format!("{}/{bucket}?uploads", m.endpoint);
+    blocking(async move { reqwest::get(url).await.unwrap().text().await.unwrap() })
+}
+
+/// Row ids of every committed shard under `prefix`, read back through the store.
+fn committed_ids(remote: &Remote) -> (BTreeSet<u64>, Vec<u64>) {
+    let r = remote.clone();
+    blocking(async move {
+        let done = r.completed().await.unwrap();
+        let mut ids = Vec::new();
+        for s in &done {
+            let bytes = r.get(&r.child(&format!("{s:05}.parquet"))).await.unwrap();
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
+            for b in reader {
+                let b = b.unwrap();
+                ids.extend(u64s(&b, "id"));
+            }
+        }
+        (done.into_iter().collect(), ids)
+    })
+}
+
+fn write_pipeline(dir: &Path, input: &str, output: &str, rows_per_shard: u64, concurrency: u32, storage: &str) -> PathBuf {
+    let text = format!(
+        "input:\n  path: {input}\n  passthrough: [id]\n  rows_per_shard: {rows_per_shard}\ndownload:\n  concurrency: {concurrency}\n  rate_per_host: null\n  allow_private_networks: true\nimage:\n  size: 64\n  min_size: 1\noutput:\n  path: {output}\n{storage}"
+    );
+    let p = dir.join("pipeline.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The URL list read from the bucket, shards written to it with every Parquet file as a multipart
+/// upload, a multipart upload an interrupted run left open aborted, and a rerun that finds every
+/// shard committed and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reads_and_writes_s3_and_resumes() {
+    let w = world(60, 0, "", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
+    let urls = w.urls.clone();
+    let (m, out) = tokio::task::spawn_blocking(move || {
+        let m = start_moto(false);
+        create_bucket(&m, "data");
+        let lists = Remote::open("s3://data/lists", &storage(&m, "test")).unwrap();
+        blocking(async move { lists.upload_file(&urls, "urls.parquet").await.unwrap() });
+        // A multipart upload a killed run left open on shard 1, with its record.
+        let out = Remote::open("s3://data/run", &storage(&m, "test")).unwrap();
+        let (o, endpoint) = (out.clone(), m.endpoint.clone());
+        blocking(async move {
+            use object_store::multipart::MultipartStore;
+            use object_store::ObjectStoreExt;
+            let s3 = object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name("data")
+                .with_endpoint(endpoint)
+                .with_allow_http(true)
+                .with_region("us-east-1")
+                .with_access_key_id("test")
+                .with_secret_access_key("secret")
+                .build()
+                .unwrap();
+            let id = s3.create_multipart(&o.child("00001.parquet")).await.unwrap();
+            o.store.put(&o.child(".00001.parquet.upload"), id.into_bytes().into()).await.unwrap();
+        });
+        assert!(open_uploads(&m, "data").contains("run/00001.parquet"), "the left-over upload is open before the run");
+        (m, out)
+    })
+    .await
+    .unwrap();
+    let p = write_pipeline(&tmp_path, "s3://data/lists/urls.parquet", "s3://data/run", 20, 16, &storage_yaml(&m, "test", "1KB"));
+    let p2 = p.clone();
+    let sp = staging_path.clone();
+    let first = tokio::task::spawn_blocking(move || recap(&["run", p2.to_str().unwrap(), "--no-progress"], &sp)).await.unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let stdout = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(stdout.contains("3 written") && stdout.contains("s3://data/run"), "{stdout}");
+    let uploads = open_uploads(&m, "data");
+    assert!(!uploads.contains("<UploadId>"), "no multipart upload left open (the old one aborted, the new ones completed): {uploads}");
+    let o = out.clone();
+    let names: Vec<String> = tokio::task::spawn_blocking(move || blocking(async move { o.list_names().await.unwrap() })).await.unwrap().into_iter().map(|(n, _)| n).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".upload")), "upload records removed: {names:?}");
+    let o = out.clone();
+    let (done, ids) = tokio::task::spawn_blocking(move || committed_ids(&o)).await.unwrap();
+    assert_eq!(done, BTreeSet::from([0, 1, 2]));
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..60).collect::<Vec<u64>>(), "every row once");
+    // Staging holds nothing once shards are up.
+    let staged: Vec<_> = walk(&staging_path).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet") && p.to_string_lossy().contains("recap-shards")).collect();
+    assert!(staged.is_empty(), "staged shard files left: {staged:?}");
+    let p2 = p.clone();
+    let sp = staging_path.clone();
+    let again = tokio::task::spawn_blocking(move || recap(&["run", p2.to_str().unwrap(), "--no-progress"], &sp)).await.unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 written, 3 already complete (skipped)"), "{}", String::from_utf8_lossy(&again.stdout));
+    drop(m);
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Runs killed with SIGKILL at moments spread over the run (uploads included), then resumed:
+/// in the end every shard is committed once and every row is there once; a shard whose upload
+/// was cut is never visible as committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_killed_mid_upload_resume_to_every_row_once() {
+    // 120 rows, 4 at a time, 100 ms each: about 3 s of work, cut by kills at 0.5, 0.9 and 1.3 s.
+    let w = world(120, 0, "", ServeOptions { latency: Duration::from_millis(100), ..ServeOptions::default() }).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
+    let urls = w.urls.clone();
+    let m = tokio::task::spawn_blocking(move || {
+        let m = start_moto(false);
+        create_bucket(&m, "data");
+        let lists = Remote::open("s3://data/lists", &storage(&m, "test")).unwrap();
+        blocking(async move { lists.upload_file(&urls, "urls.parquet").await.unwrap() });
+        m
+    })
+    .await
+    .unwrap();
+    let p = write_pipeline(&tmp_path, "s3://data/lists/urls.parquet", "s3://data/killed", 10, 4, &storage_yaml(&m, "test", "1KB"));
+    let out = Remote::open("s3://data/killed", &storage(&m, "test")).unwrap();
+    let mut kills = 0;
+    for delay_ms in [500u64, 900, 1300] {
+        let p2 = p.clone();
+        let sp = staging_path.clone();
+        let o = out.clone();
+        let killed = tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_recap"))
+                .args(["run", p2.to_str().unwrap(), "--no-progress"])
+                .env("RECAP_STAGING", &sp)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let running = child.try_wait().unwrap().is_none();
+            let _ = child.kill();
+            let _ = child.wait();
+            // Whatever is committed so far is whole: each marked shard reads back with its rows.
+            let (done, ids) = committed_ids(&o);
+            assert_eq!(ids.len(), done.len() * 10, "committed shards are complete");
+            running
+        })
+        .await
+        .unwrap();
+        kills += killed as u32;
+    }
+    assert!(kills >= 1, "at least one run was killed while running");
+    let p2 = p.clone();
+    let sp = staging_path.clone();
+    let last = tokio::task::spawn_blocking(move || recap(&["run", p2.to_str().unwrap(), "--no-progress"], &sp)).await.unwrap();
+    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    let o = out.clone();
+    let (done, mut ids) = tokio::task::spawn_blocking(move || committed_ids(&o)).await.unwrap();
+    assert_eq!(done, (0..12).collect::<BTreeSet<u64>>());
+    ids.sort();
+    assert_eq!(ids, (0..120).collect::<Vec<u64>>(), "every row once after {kills} kills");
+    let m2 = m;
+    let uploads = tokio::task::spawn_blocking(move || {
+        let u = open_uploads(&m2, "data");
+        drop(m2);
+        u
+    })
+    .await
+    .unwrap();
+    assert!(!uploads.contains("<UploadId>"), "no multipart upload left open: {uploads}");
+}
+
+/// A credential the server does not know is a clear error, not a hang or a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_credential_is_a_clear_error() {
+    let w = world(10, 0, "", ServeOptions::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp_path = tmp.path().to_path_buf();
+    let m = tokio::task::spawn_blocking(|| start_moto(true)).await.unwrap();
+    let p = write_pipeline(&tmp_path, &w.urls.display().to_string(), "s3://data/run", 10, 16, &storage_yaml(&m, "AKIAWRONGKEY", "16MB"));
+    let out = tokio::task::spawn_blocking(move || recap(&["run", p.to_str().unwrap(), "--no-progress"], &tmp_path)).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("s3://data/run") && err.contains("the credentials were refused"), "{err}");
+    drop(m);
+}
