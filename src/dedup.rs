@@ -302,6 +302,11 @@ pub fn dedup(spec: &str, opts: &DedupOptions) -> Result<DedupSummary> {
         }
     }
     let t0 = std::time::Instant::now();
+    if crate::storage::is_url(spec) {
+        return Err(Error::Usage(format!(
+            "{spec}: recap dedup rewrites shards in place, which an object store cannot do atomically; run it on a local copy of the shards"
+        )));
+    }
     let files = sink::list_shards(spec)?;
     let mut s = DedupSummary { files: files.len(), dry_run: opts.dry_run, ..Default::default() };
     let mut rows: Vec<Row> = Vec::new();

@@ -112,13 +112,18 @@ impl Remote {
 
     /// Object names directly under the prefix (one level, as a directory listing).
     pub async fn list_names(&self) -> Result<Vec<(String, u64)>> {
+        Ok(self.list_meta().await?.into_iter().map(|(n, s, _)| (n, s)).collect())
+    }
+
+    /// Names, sizes and modification times directly under the prefix.
+    pub async fn list_meta(&self) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
         let prefix = if self.prefix.as_ref().is_empty() { None } else { Some(&self.prefix) };
         let list = self.store.list(prefix).try_collect::<Vec<_>>().await.map_err(|e| store_error("cannot list", self.url.as_str(), e))?;
-        let mut out: Vec<(String, u64)> = list
+        let mut out: Vec<(String, u64, std::time::SystemTime)> = list
             .into_iter()
             .filter_map(|m| {
                 let rest = m.location.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect::<Vec<_>>();
-                (rest.len() == 1).then(|| (rest[0].clone(), m.size))
+                (rest.len() == 1).then(|| (rest[0].clone(), m.size, std::time::SystemTime::from(m.last_modified)))
             })
             .collect();
         out.sort();
@@ -200,6 +205,48 @@ impl Remote {
             Err(e) => Err(store_error("cannot delete", &format!("{}/{name}", self.url), e)),
         }
     }
+}
+
+/// The committed shards under an object store prefix (those with their `NNNNN.done`), copied to
+/// a local cache directory for reading (Parquet, stats and marker; files already there at the same
+/// size are kept, shards no longer committed are dropped from the cache). Credentials and
+/// endpoint from the environment.
+pub fn stage_committed_shards(url: &str) -> Result<PathBuf> {
+    let remote = Remote::open(url, &StorageConfig::default())?;
+    let dir = staging_dir(url, "read")?;
+    let d = dir.clone();
+    blocking(async move {
+        let names = remote.list_meta().await?;
+        let sizes: BTreeMap<String, (u64, std::time::SystemTime)> = names.into_iter().map(|(n, s, t)| (n, (s, t))).collect();
+        let committed: Vec<String> = sizes.keys().filter_map(|n| n.strip_suffix(".done").map(str::to_string)).collect();
+        if committed.is_empty() {
+            return Err(Error::Usage(format!("{url} holds no committed shards (no NNNNN.done markers); expected the output.path of `recap run`")));
+        }
+        // Drop cached shards that are no longer committed (a rerun took the marker away).
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let stem = name.split('.').next().unwrap_or("").to_string();
+                if !committed.contains(&stem) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        for stem in &committed {
+            for name in [format!("{stem}.parquet"), format!("{stem}.stats.json"), format!("{stem}.done")] {
+                let Some((size, modified)) = sizes.get(&name) else { continue };
+                let local = d.join(&name);
+                // Kept when the cached copy has the object's size and is newer than it (a shard
+                // rewritten in the store since is fetched again).
+                let fresh = std::fs::metadata(&local).ok().is_some_and(|m| m.len() == *size && m.modified().is_ok_and(|t| t >= *modified));
+                if !fresh {
+                    remote.download(&name, &local).await?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(dir)
 }
 
 /// Run a future to completion from synchronous code, wherever it is called (inside or outside a

@@ -185,6 +185,26 @@ async fn a_run_reads_and_writes_s3_and_resumes() {
     let sp = staging_path.clone();
     let again = tokio::task::spawn_blocking(move || recap(&["run", p2.to_str().unwrap(), "--no-progress"], &sp)).await.unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 written, 3 already complete (skipped)"), "{}", String::from_utf8_lossy(&again.stdout));
+
+    // Readers take the same URL (credentials from the environment, as a user's shell has them),
+    // and see only committed shards: a Parquet file uploaded without its marker is not read.
+    let o = out.clone();
+    let stray = tmp_path.join("stray.parquet");
+    std::fs::copy(&w.urls, &stray).unwrap();
+    tokio::task::spawn_blocking(move || blocking(async move { o.upload_file(&stray, "00007.parquet").await.unwrap() })).await.unwrap();
+    let (endpoint, sp) = (m.endpoint.clone(), staging_path.clone());
+    let q = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_recap"))
+            .args(["query", "--shards", "s3://data/run", "--format", "csv", "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(*) FILTER (WHERE status = 'ok') AS ok FROM shards"])
+            .env("RECAP_STAGING", &sp)
+            .envs([("AWS_ENDPOINT_URL", endpoint.as_str()), ("AWS_ALLOW_HTTP", "true"), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "secret")])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    assert_eq!(String::from_utf8_lossy(&q.stdout).trim(), "n,ids,ok\n60,60,60", "the three committed shards, not the stray file");
     drop(m);
 }
 
@@ -284,4 +304,41 @@ async fn a_wrong_credential_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
     assert!(err.contains("s3://data/run") && err.contains("the credentials were refused"), "{err}");
     drop(m);
+}
+
+/// `recap train` reads its shards from the same URLs: the committed reinforced test shards,
+/// uploaded with their markers, train a tiny student for two steps.
+#[test]
+fn training_reads_shards_from_s3() {
+    let m = start_moto(false);
+    create_bucket(&m, "data");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let remote = Remote::open("s3://data/reinforced", &storage(&m, "test")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let r = remote.clone();
+    let src = root.join("tests/data/shards");
+    let t = tmp.path().to_path_buf();
+    blocking(async move {
+        for i in 0..2 {
+            let name = format!("{i:05}");
+            r.upload_file(&src.join(format!("{name}.parquet")), &format!("{name}.parquet")).await.unwrap();
+            r.upload_file(&src.join(format!("{name}.stats.json")), &format!("{name}.stats.json")).await.unwrap();
+            let marker = t.join("m.json");
+            std::fs::write(&marker, br#"{"rows": 20, "config_hash": "test"}"#).unwrap();
+            r.upload_file(&marker, &format!("{name}.done")).await.unwrap();
+        }
+    });
+    let out = tmp.path().join("run");
+    let run = Command::new(env!("CARGO_BIN_EXE_recap"))
+        .current_dir(root)
+        .args(["train", "pipelines/train-tiny.yaml", "--set", "data.shards=s3://data/reinforced", "--set"])
+        .arg(format!("output.dir={}", out.display()))
+        .args(["--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "data.shuffle_buffer=16"])
+        .env("RECAP_STAGING", tmp.path())
+        .envs([("AWS_ENDPOINT_URL", m.endpoint.as_str()), ("AWS_ALLOW_HTTP", "true"), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "secret")])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().count() >= 1 && metrics.contains("\"step\":2"), "{metrics}");
 }

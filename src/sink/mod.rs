@@ -514,6 +514,11 @@ impl ShardWriter {
 /// The shard files a `--shards` argument names: a directory's `*.parquet` (hidden temporaries
 /// skipped), a glob, or one file; sorted. None found is an error that says what was expected.
 pub fn list_shards(spec: &str) -> Result<Vec<PathBuf>> {
+    if crate::storage::is_url(spec) {
+        // Readers trust only committed shards: those with their marker, brought to a local cache.
+        let dir = crate::storage::stage_committed_shards(spec)?;
+        return list_shards(&dir.display().to_string());
+    }
     let p = Path::new(spec);
     let mut files: Vec<PathBuf> = if p.is_dir() {
         std::fs::read_dir(p)
