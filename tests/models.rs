@@ -408,13 +408,21 @@ fn validate_reports_every_broken_model_with_its_yaml_path() {
 
 #[test]
 fn cuda_without_the_gpu_library_is_a_clear_error() {
-    // scripts/fetch-ort.sh fetches the CPU build of ONNX Runtime, which has no CUDA provider.
-    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
-        return; // a GPU build may be in use
+    // `scripts/fetch-ort.sh` fetches the CPU build of ONNX Runtime, which has no CUDA provider;
+    // `--gpu` the onnxruntime-gpu build, which still needs an NVIDIA driver. Either way, on a
+    // machine without a GPU the error says exactly what is missing.
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() || std::path::Path::new("/dev/nvidia0").exists() {
+        return; // a GPU may be there
     }
     let o = SessionOptions { device: recap::models::Device::Cuda(0), intra_threads: 1 };
-    let err = Clip::load(&root().join("models/shapeworld-clip-a"), &o).err().expect("CPU build cannot run cuda").to_string();
-    assert!(err.contains("CUDA execution provider") && err.contains("device: cpu"), "{err}");
+    let err = Clip::load(&root().join("models/shapeworld-clip-a"), &o).err().expect("no GPU here").to_string();
+    let lib = recap::models::runtime::library_path().unwrap();
+    if lib.parent().unwrap().join("libonnxruntime_providers_cuda.so").is_file() {
+        assert!(err.contains("libcuda.so.1 cannot be loaded") && err.contains("no usable NVIDIA GPU"), "{err}");
+    } else {
+        assert!(err.contains("is the CPU build of ONNX Runtime") && err.contains("fetch-ort.sh --gpu"), "{err}");
+    }
+    assert!(err.contains("device: cpu"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,19 +64,95 @@ pub fn in_checkout(rel: &str, ok: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     candidates.into_iter().find(|p| ok(p))
 }
 
-/// The ONNX Runtime shared library to load: `ORT_DYLIB_PATH`, else `.ort/libonnxruntime.so` in
-/// the current directory or beside an ancestor of the executable (where `scripts/fetch-ort.sh`
-/// puts it in a checkout).
+/// The ONNX Runtime shared library to load: `ORT_DYLIB_PATH`, else `.ort-gpu/libonnxruntime.so`
+/// (`scripts/fetch-ort.sh --gpu`: the onnxruntime-gpu build, which runs CPU sessions too), else
+/// `.ort/libonnxruntime.so`, each in the current directory or beside an ancestor of the
+/// executable (where the script puts them in a checkout).
 pub fn library_path() -> std::result::Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         let p = PathBuf::from(p);
         return if p.is_file() { Ok(p) } else { Err(format!("ORT_DYLIB_PATH={} does not exist", p.display())) };
     }
-    in_checkout(".ort/libonnxruntime.so", |p| p.is_file()).ok_or_else(|| {
-        "the ONNX Runtime library was not found: run `bash scripts/fetch-ort.sh` (it puts \
-         .ort/libonnxruntime.so in the checkout) or set ORT_DYLIB_PATH to a libonnxruntime.so"
-            .to_string()
-    })
+    in_checkout(".ort-gpu/libonnxruntime.so", |p| p.is_file())
+        .or_else(|| in_checkout(".ort/libonnxruntime.so", |p| p.is_file()))
+        .ok_or_else(|| {
+            "the ONNX Runtime library was not found: run `bash scripts/fetch-ort.sh` (it puts \
+             .ort/libonnxruntime.so in the checkout; `--gpu` for the CUDA build) or set ORT_DYLIB_PATH to a libonnxruntime.so"
+                .to_string()
+        })
+}
+
+/// What `device: cuda` needs, checked in order; the first thing missing, said plainly.
+/// Loads (RTLD_GLOBAL, once) the CUDA libraries `fetch-ort.sh --gpu` put in `cuda/` beside the
+/// ONNX Runtime library, so that its CUDA provider finds them without LD_LIBRARY_PATH.
+pub fn cuda_ready() -> std::result::Result<(), String> {
+    static READY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let lib = library_path()?;
+            let dir = lib.parent().unwrap_or(Path::new("."));
+            if !dir.join("libonnxruntime_providers_cuda.so").is_file() {
+                return Err(format!(
+                    "{} is the CPU build of ONNX Runtime (no libonnxruntime_providers_cuda.so beside it): \
+                     run `bash scripts/fetch-ort.sh --gpu` for the onnxruntime-gpu build and its CUDA libraries",
+                    lib.display()
+                ));
+            }
+            // The driver first: some CUDA libraries (cuDNN's runtime-compiled engines, the CUDA
+            // provider itself) link to it, so without it nothing else can load.
+            // SAFETY: loading the NVIDIA driver's library runs its initialisers, as any CUDA user does.
+            if let Err(e) = unsafe { libloading::os::unix::Library::open(Some("libcuda.so.1"), libc_flags()) } {
+                return Err(format!(
+                    "the NVIDIA driver's libcuda.so.1 cannot be loaded ({e}): this machine has no usable NVIDIA GPU \
+                     (or its driver is not installed); ONNX Runtime's CUDA provider is ready in {}",
+                    dir.display()
+                ));
+            }
+            let cuda = dir.join("cuda");
+            if cuda.is_dir() {
+                preload_dir(&cuda)?;
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+fn libc_flags() -> std::os::raw::c_int {
+    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL
+}
+
+/// dlopen every shared library in `dir` with RTLD_GLOBAL, in as many passes as their
+/// dependencies on each other need; the ones that never load are an error naming them.
+fn preload_dir(dir: &Path) -> std::result::Result<(), String> {
+    let mut todo: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".so")))
+        .collect();
+    todo.sort();
+    let mut last_errors = Vec::new();
+    while !todo.is_empty() {
+        let before = todo.len();
+        last_errors.clear();
+        todo.retain(|p| {
+            // SAFETY: NVIDIA's CUDA libraries from their wheels; loading runs their initialisers.
+            match unsafe { libloading::os::unix::Library::open(Some(p), libc_flags()) } {
+                Ok(lib) => {
+                    // Kept loaded for the life of the process.
+                    std::mem::forget(lib);
+                    false
+                }
+                Err(e) => {
+                    last_errors.push(format!("{}: {e}", p.display()));
+                    true
+                }
+            }
+        });
+        if todo.len() == before {
+            return Err(format!("CUDA libraries in {} that cannot be loaded: {}", dir.display(), last_errors.join("; ")));
+        }
+    }
+    Ok(())
 }
 
 static ENVIRONMENT: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
@@ -108,12 +184,13 @@ pub fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         builder = builder.with_intra_threads(opts.intra_threads).map_err(|e| fail(e.to_string()))?;
     }
     if let Device::Cuda(id) = opts.device {
+        cuda_ready().map_err(|e| fail(format!("device cuda:{id}: {e}; use `device: cpu` otherwise")))?;
         let ep = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
         builder = builder.with_execution_providers([ep]).map_err(|e| {
             fail(format!(
                 "the CUDA execution provider could not be registered on cuda:{id} ({e}); it needs the \
-                 onnxruntime-gpu build of libonnxruntime (with libonnxruntime_providers_cuda.so beside it) \
-                 and the CUDA libraries on LD_LIBRARY_PATH; use `device: cpu` otherwise"
+                 onnxruntime-gpu build of libonnxruntime (`bash scripts/fetch-ort.sh --gpu`) and a GPU with \
+                 its driver; use `device: cpu` otherwise"
             ))
         })?;
     }

@@ -1,0 +1,216 @@
+"""Soak tests for recap run (issue 14), as a user's machine sees them; prints figures.
+
+kill   : RUNS runs of one pipeline (600 rows, 30 shards, served shapeworld with latency) killed
+         with SIGKILL at random moments (uniform over a run's length) and resumed; after every kill
+         every visible shard file reads back whole and every marked shard has its marker's rows;
+         after the last, a run to completion gives every input row exactly once.
+slow   : CONNS concurrent connections to a loopback server that trickles one byte a second and
+         never finishes; recap (concurrency CONNS) must keep progressing (rows time out and are
+         written as `timeout`), with peak RSS sampled throughout; no row lost.
+
+Usage: .venv/bin/python tools/soak.py kill [--runs 100]
+       .venv/bin/python tools/soak.py slow [--conns 10000]
+       (--recap target/release/recap by default; --work target/soak)
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def serve_world(recap, world, port, latency="0ms"):
+    p = subprocess.Popen([recap, "synth", "serve", str(world), "--port", str(port), "--latency", latency],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p.stdout.readline()  # "serving ..."
+    return p
+
+
+def shard_rows(out):
+    """(committed shard -> ids) and a list of problems with visible files."""
+    problems, committed = [], {}
+    for f in sorted(out.glob("*.parquet")):
+        try:
+            t = pq.read_table(f, columns=["id"])
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{f.name}: unreadable: {e}")
+            continue
+        done = out / (f.name[: -len(".parquet")] + ".done")
+        if done.exists():
+            marker = json.loads(done.read_text())
+            if marker["rows"] != t.num_rows:
+                problems.append(f"{f.name}: marker says {marker['rows']} rows, file has {t.num_rows}")
+            committed[f.name] = t.column("id").to_pylist()
+    return committed, problems
+
+
+def kill(args):
+    work = Path(args.work) / "kill"
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    subprocess.run([args.recap, "synth", "--out", str(work / "world"), "--count", "600", "--seed", "9",
+                    "--min-size", "64x48", "--max-size", "200x150"], check=True, stdout=subprocess.DEVNULL)
+    server = serve_world(args.recap, work / "world", args.port, "20ms")
+    out = work / "shards"
+    (work / "p.yaml").write_text(f"""input:
+  path: {work}/world/urls.parquet
+  passthrough: [id]
+  rows_per_shard: 20
+download:
+  concurrency: 16
+  rate_per_host: null
+  allow_private_networks: true
+image:
+  size: 64
+  min_size: 1
+engine:
+  shards_in_flight: 3
+output:
+  path: {out}
+""")
+    cmd = [args.recap, "run", str(work / "p.yaml"), "--no-progress"]
+    # One uninterrupted run's length, to spread the kills over it.
+    t = time.monotonic()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    full = time.monotonic() - t
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    rng = random.Random(args.seed)
+    killed_running, finished, problems = 0, 0, []
+    start = time.monotonic()
+    for i in range(args.runs):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, full * 0.6))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed_running += 1
+        else:
+            finished += 1
+        p.wait()
+        committed, probs = shard_rows(out)
+        problems += [f"after kill {i}: {x}" for x in probs]
+        if finished and len(committed) == 30:
+            # Everything committed: start over so every kill lands on work.
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    committed, probs = shard_rows(out)
+    problems += probs
+    ids = sorted(i for v in committed.values() for i in v)
+    server.terminate()
+    ok = ids == list(range(600)) and len(committed) == 30 and not problems
+    print(json.dumps({"test": "kill", "runs": args.runs, "killed_while_running": killed_running,
+                      "finished_before_kill": finished, "uninterrupted_run_s": round(full, 2),
+                      "shards": len(committed), "rows": len(ids), "distinct_rows": len(set(ids)),
+                      "problems": problems[:10], "seconds": round(time.monotonic() - start, 1), "ok": ok}))
+    return ok
+
+
+async def trickle_server(port, stats):
+    async def handle(reader, writer):
+        stats["open"] += 1
+        stats["peak"] = max(stats["peak"], stats["open"])
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+            while True:
+                writer.write(b"\xff")
+                await writer.drain()
+                await asyncio.sleep(1.0)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            stats["open"] -= 1
+            writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096, limit=1 << 16)
+    async with server:
+        await server.serve_forever()
+
+
+def slow(args):
+    import pyarrow as pa
+    work = Path(args.work) / "slow"
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    stats = {"open": 0, "peak": 0}
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=lambda: loop.run_until_complete(trickle_server(args.port, stats)), daemon=True).start()
+    time.sleep(0.5)
+    n = args.conns
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{args.port}/slow/{i}.jpg" for i in range(n)],
+                             "caption": ["slow"] * n, "id": list(range(n))}), work / "urls.parquet")
+    (work / "p.yaml").write_text(f"""input:
+  path: {work}/urls.parquet
+  passthrough: [id]
+  rows_per_shard: {max(n // 10, 1)}
+download:
+  concurrency: {n}
+  per_host: {n}
+  rate_per_host: null
+  adaptive_concurrency: false
+  timeout: {args.timeout}s
+  retries: 0
+  allow_private_networks: true
+engine:
+  shards_in_flight: 10
+output:
+  path: {work}/shards
+""")
+    start = time.monotonic()
+    p = subprocess.Popen([args.recap, "run", str(work / "p.yaml"), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_rss, peak_conns, samples = 0.0, 0, []
+    while p.poll() is None:
+        r = rss_mb(p.pid)
+        peak_rss = max(peak_rss, r)
+        peak_conns = max(peak_conns, stats["open"])
+        samples.append((round(time.monotonic() - start, 1), round(r, 1), stats["open"], len(list((work / "shards").glob("*.done")))))
+        time.sleep(0.5)
+    out = p.stdout.read()
+    committed, probs = shard_rows(work / "shards")
+    rows = sum(len(v) for v in committed.values())
+    statuses = {}
+    for f in (work / "shards").glob("*.stats.json"):
+        for k, v in json.loads(f.read_text())["status"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    ok = p.returncode == 0 and rows == n and not probs
+    print(json.dumps({"test": "slow", "connections": n, "peak_open_connections": peak_conns, "peak_rss_mb": round(peak_rss, 1),
+                      "seconds": round(time.monotonic() - start, 1), "rows": rows, "statuses": statuses,
+                      "rss_mb_every_5s": [s[1] for s in samples[::10]], "shards_done_every_5s": [s[3] for s in samples[::10]],
+                      "ok": ok, "tail": out[-300:] if not ok else ""}))
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("test", choices=["kill", "slow"])
+    ap.add_argument("--recap", default="target/release/recap")
+    ap.add_argument("--work", default="target/soak")
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--conns", type=int, default=10000)
+    ap.add_argument("--timeout", type=int, default=20)
+    ap.add_argument("--port", type=int, default=18300)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    ok = kill(args) if args.test == "kill" else slow(args)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
