@@ -5,8 +5,9 @@ kill   : RUNS runs of one pipeline (600 rows, 30 shards, served shapeworld with 
          every visible shard file reads back whole and every marked shard has its marker's rows;
          after the last, a run to completion gives every input row exactly once.
 slow   : CONNS concurrent connections to a loopback server that trickles one byte a second and
-         never finishes; recap (concurrency CONNS) must keep progressing (rows time out and are
-         written as `timeout`), with peak RSS sampled throughout; no row lost.
+         never finishes, mixed with NORMAL rows from a served shapeworld; recap (concurrency
+         CONNS + NORMAL) must keep progressing: the normal rows download while the slow ones hang,
+         the slow ones end as `timeout`; peak RSS sampled throughout; no row lost.
 
 Usage: .venv/bin/python tools/soak.py kill [--runs 100]
        .venv/bin/python tools/soak.py slow [--conns 10000]
@@ -153,9 +154,27 @@ def slow(args):
     loop = asyncio.new_event_loop()
     threading.Thread(target=lambda: loop.run_until_complete(trickle_server(args.port, stats)), daemon=True).start()
     time.sleep(0.5)
-    n = args.conns
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{args.port}/slow/{i}.jpg" for i in range(n)],
-                             "caption": ["slow"] * n, "id": list(range(n))}), work / "urls.parquet")
+    subprocess.run([args.recap, "synth", "--out", str(work / "world"), "--count", "200", "--seed", "4",
+                    "--min-size", "64x48", "--max-size", "160x120", "--png-fraction", "0"], check=True, stdout=subprocess.DEVNULL)
+    server = serve_world(args.recap, work / "world", args.port + 1)
+    normal = pq.read_table(work / "world" / "urls.parquet", columns=["url"]).column("url").to_pylist()
+    slow_urls = [f"http://127.0.0.1:{args.port}/slow/{i}.jpg" for i in range(args.conns)]
+    normal_urls = [normal[i % len(normal)] for i in range(args.normal)]
+    # Interleaved: every shard holds slow and normal rows.
+    urls, kinds = [], []
+    step = max(args.conns // max(args.normal, 1), 1)
+    ni = 0
+    for i, u in enumerate(slow_urls):
+        urls.append(u)
+        kinds.append("slow")
+        if i % step == 0 and ni < len(normal_urls):
+            urls.append(normal_urls[ni])
+            kinds.append("normal")
+            ni += 1
+    urls += normal_urls[ni:]
+    kinds += ["normal"] * (len(normal_urls) - ni)
+    n = len(urls)
+    pq.write_table(pa.table({"url": urls, "caption": kinds, "id": list(range(n))}), work / "urls.parquet")
     (work / "p.yaml").write_text(f"""input:
   path: {work}/urls.parquet
   passthrough: [id]
@@ -168,6 +187,9 @@ download:
   timeout: {args.timeout}s
   retries: 0
   allow_private_networks: true
+image:
+  size: 64
+  min_size: 1
 engine:
   shards_in_flight: 10
 output:
@@ -189,8 +211,10 @@ output:
     for f in (work / "shards").glob("*.stats.json"):
         for k, v in json.loads(f.read_text())["status"].items():
             statuses[k] = statuses.get(k, 0) + v
-    ok = p.returncode == 0 and rows == n and not probs
-    print(json.dumps({"test": "slow", "connections": n, "peak_open_connections": peak_conns, "peak_rss_mb": round(peak_rss, 1),
+    server.terminate()
+    ok = (p.returncode == 0 and rows == n and not probs and statuses.get("ok", 0) == args.normal
+          and statuses.get("timeout", 0) == args.conns)
+    print(json.dumps({"test": "slow", "slow_connections": args.conns, "normal_rows": args.normal, "peak_open_connections": peak_conns, "peak_rss_mb": round(peak_rss, 1),
                       "seconds": round(time.monotonic() - start, 1), "rows": rows, "statuses": statuses,
                       "rss_mb_every_5s": [s[1] for s in samples[::10]], "shards_done_every_5s": [s[3] for s in samples[::10]],
                       "ok": ok, "tail": out[-300:] if not ok else ""}))
@@ -204,6 +228,7 @@ def main():
     ap.add_argument("--work", default="target/soak")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--conns", type=int, default=10000)
+    ap.add_argument("--normal", type=int, default=2000)
     ap.add_argument("--timeout", type=int, default=20)
     ap.add_argument("--port", type=int, default=18300)
     ap.add_argument("--seed", type=int, default=1)
