@@ -116,12 +116,12 @@ fn config(f: impl FnOnce(&mut DownloadConfig)) -> DownloadConfig {
     c
 }
 
-/// 300 hosts, 12 requests each, all at once: no host sees more than its bucket allows in any
+/// 100 hosts, 30 requests each, all at once: no host sees more than its bucket allows in any
 /// second, and the hosts are served side by side (one host's limit does not hold up others).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_on_every_host_and_hosts_run_side_by_side() {
     let log = Arc::new(Log::default());
-    let (hosts, per) = (200usize, 16usize);
+    let (hosts, per) = (100usize, 30usize);
     let port = serve(log.clone(), 1, hosts).await;
     let f = Fetcher::new(&config(|c| {
         c.concurrency = 4096;
@@ -134,29 +134,30 @@ async fn rate_limit_holds_on_every_host_and_hosts_run_side_by_side() {
     let results = join_all(urls.iter().map(|u| f.fetch(Some(u)))).await;
     let took = start.elapsed().as_secs_f64();
     assert!(results.iter().all(|r| r.is_ok()), "every request answered");
-    // Per host: 4 at once (the bucket holds min(rate, per_host)), then 12 more at 10/s: ~1.2 s.
-    assert!(took < 8.0, "hosts are paced side by side: {took:.1}s for {hosts} hosts (one after another would be ~240s)");
+    // Per host: 4 at once (the bucket holds min(rate, per_host)), then 26 more at 10/s: ~2.6 s.
+    assert!(took < 12.0, "hosts are paced side by side: {took:.1}s for {hosts} hosts (one after another would be ~260s)");
     let mut worst = 0.0f64;
     for h in 0..hosts {
         let t = log.times(&host(1, h));
         assert_eq!(t.len(), per);
-        // Any window of w ≥ 0.5 s holds at most burst + rate·w request arrivals, +2 for timing
-        // slack: the server sees arrivals, and the burst's 800 connections being set up at once
-        // delay the first requests by up to ~0.1 s, bunching them with the next.
+        // Any window of w ≥ 1 s holds at most burst + rate·w request arrivals, +3 for timing
+        // slack: the server sees arrivals, not starts, and on 2 busy cores (400 connections set
+        // up at once, other tests running) a request can arrive up to ~0.3 s after it started,
+        // bunching with the next ones.
         for i in 0..t.len() {
             for j in i + 1..t.len() {
                 let w = t[j].duration_since(t[i]).as_secs_f64();
-                if w < 0.5 {
+                if w < 1.0 {
                     continue;
                 }
-                let allowed = 4.0 + 10.0 * w + 2.0;
+                let allowed = 4.0 + 10.0 * w + 3.0;
                 assert!((j - i + 1) as f64 <= allowed, "host {h}: {} requests in {w:.3}s", j - i + 1);
             }
         }
         let rate = (per - 4) as f64 / t[per - 1].duration_since(t[3]).as_secs_f64().max(1e-3);
         worst = worst.max(rate);
     }
-    assert!(worst < 10.0 * 1.25, "after the burst, the fastest host saw {worst:.1} requests/s (limit 10)");
+    assert!(worst < 10.0 * 1.3, "after the burst, the fastest host saw {worst:.1} requests/s (limit 10)");
     assert_eq!(f.hosts_remembered(), hosts);
 }
 
