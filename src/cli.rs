@@ -38,6 +38,11 @@ pub enum Command {
     /// Run SQL over a directory of shards (the table is called `shards`).
     #[cfg(feature = "query")]
     Query(QueryArgs),
+    /// Distributed SQL: start a Ballista scheduler or executor (built with `--features cluster`).
+    Cluster {
+        #[command(subcommand)]
+        role: ClusterCommand,
+    },
     /// Find exact, near (phash) and optionally semantic duplicates across a run's shards; mark
     /// all but the first of each group `duplicate`, the kept row's key in the reason.
     Dedup(DedupArgs),
@@ -231,6 +236,40 @@ pub struct QueryArgs {
     /// Print the time taken and the bytes read from the shard files (to stderr).
     #[arg(long)]
     pub timing: bool,
+    /// Run the statement on an Apache DataFusion Ballista cluster: df://HOST:PORT of a
+    /// `recap cluster scheduler` (needs a recap built with `--features cluster`). The executors
+    /// read the shards from the same paths, so they must see the same files.
+    #[arg(long, value_name = "df://HOST:PORT")]
+    pub cluster: Option<String>,
+}
+
+/// `recap cluster`: Ballista's scheduler and executors, with recap's SQL functions.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Start a scheduler; `recap query --cluster df://BIND` sends statements to it.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+    },
+    /// Start an executor that registers with a scheduler and runs its tasks.
+    Executor {
+        /// The scheduler's HOST:PORT (or df://HOST:PORT).
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: String,
+        /// Address for the executor's Arrow Flight service (shuffle and result data).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: std::net::SocketAddr,
+        /// Port of the executor's gRPC service (on the same host as --bind).
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Tasks run at once (default: the cores there are).
+        #[arg(long)]
+        concurrent_tasks: Option<usize>,
+        /// Directory for shuffle files (default: a temporary directory).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -523,20 +562,44 @@ pub async fn execute(cli: Cli) -> Result<()> {
         }
         #[cfg(feature = "query")]
         Command::Query(a) => {
-            let (ctx, info) = crate::query::session(&a.shards).await?;
+            let (ctx, info) = match &a.cluster {
+                None => crate::query::session(&a.shards).await?,
+                #[cfg(feature = "cluster")]
+                Some(url) => crate::query::cluster::session(&a.shards, url).await?,
+                #[cfg(not(feature = "cluster"))]
+                Some(_) => return Err(no_cluster_feature()),
+            };
             match &a.sql {
                 Some(sql) => {
                     let t = std::time::Instant::now();
-                    let r = crate::query::execute(&ctx, sql).await?;
+                    let r = match crate::query::execute(&ctx, sql).await {
+                        Ok(r) => r,
+                        #[cfg(feature = "cluster")]
+                        Err(e) if a.cluster.is_some() => return Err(crate::query::cluster::explain(e, a.cluster.as_deref().unwrap_or_default())),
+                        Err(e) => return Err(e),
+                    };
                     crate::query::write_result(&r, a.format, a.output.as_deref())?;
                     if a.timing {
-                        eprintln!("{:.3}s, {} bytes read from {} shard file(s)", t.elapsed().as_secs_f64(), r.bytes_scanned, info.files.len());
+                        match &a.cluster {
+                            None => eprintln!("{:.3}s, {} bytes read from {} shard file(s)", t.elapsed().as_secs_f64(), r.bytes_scanned, info.files.len()),
+                            Some(url) => eprintln!("{:.3}s on {url}, {} shard file(s)", t.elapsed().as_secs_f64(), info.files.len()),
+                        }
                     }
                     Ok(())
                 }
                 None => crate::query::shell::run(&ctx, &info, &a.shards, a.format).await,
             }
         }
+        #[cfg(feature = "cluster")]
+        Command::Cluster { role } => match role {
+            ClusterCommand::Scheduler { bind } => crate::query::cluster::run_scheduler(bind).await,
+            ClusterCommand::Executor { scheduler, bind, grpc_port, concurrent_tasks, work_dir } => {
+                let concurrent_tasks = concurrent_tasks.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+                crate::query::cluster::run_executor(crate::query::cluster::ExecutorOptions { scheduler, bind, grpc_port, concurrent_tasks, work_dir }).await
+            }
+        },
+        #[cfg(not(feature = "cluster"))]
+        Command::Cluster { .. } => Err(no_cluster_feature()),
         Command::Report(a) => {
             let opts = crate::report::ReportOptions { sample: a.sample, seed: a.seed, ..Default::default() };
             let (shards, out) = (a.shards.clone(), a.out.clone());
@@ -808,4 +871,9 @@ fn type_name(t: &arrow::datatypes::DataType) -> String {
         T::Binary | T::LargeBinary => "binary".into(),
         other => other.to_string().to_lowercase(),
     }
+}
+
+#[cfg(not(feature = "cluster"))]
+fn no_cluster_feature() -> Error {
+    Error::Usage("this recap was built without distributed SQL; build it with `cargo build --release --features cluster`".into())
 }

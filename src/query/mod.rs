@@ -2,6 +2,8 @@
 //! one file), their stats files the table `stats` (one row per shard), and the functions in
 //! [`udf`] understand the reinforced columns.
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod filter;
 pub mod shell;
 pub mod udf;
@@ -92,6 +94,12 @@ pub async fn session(spec: &Path) -> Result<(SessionContext, ShardInfo)> {
     let info = inspect(spec)?;
     let config = SessionConfig::new().with_information_schema(true);
     let ctx = SessionContext::new_with_config(config);
+    register(&ctx, info).await.map(|info| (ctx, info))
+}
+
+/// Register `shards`, `stats` and the functions on `ctx` (a local session, or one whose plans
+/// run on a Ballista cluster).
+pub async fn register(ctx: &SessionContext, info: ShardInfo) -> Result<ShardInfo> {
     let urls: Vec<ListingTableUrl> = info
         .files
         .iter()
@@ -107,8 +115,8 @@ pub async fn session(spec: &Path) -> Result<(SessionContext, ShardInfo)> {
     let stats = stats_batch(&info.files)?;
     let mem = MemTable::try_new(stats.schema(), vec![vec![stats]]).map_err(|e| Error::data("stats table", e))?;
     ctx.register_table("stats", Arc::new(mem)).map_err(|e| Error::data("registering stats", e))?;
-    udf::register(&ctx, &info.teachers);
-    Ok((ctx, info))
+    udf::register(ctx, &info.teachers);
+    Ok(info)
 }
 
 /// The stats files beside the shards as one table: a row per shard, a column per status.

@@ -37,15 +37,61 @@ use crate::train::data::Teacher;
 
 /// Register every function on a session. `teachers` comes from the shards' `recap.teachers`.
 pub fn register(ctx: &datafusion::prelude::SessionContext, teachers: &[Teacher]) {
+    for f in all(teachers) {
+        ctx.register_udf(f);
+    }
+}
+
+/// Every function, for shards scored by `teachers`.
+pub fn all(teachers: &[Teacher]) -> Vec<ScalarUDF> {
     let t = Arc::new(teachers.to_vec());
-    ctx.register_udf(ScalarUDF::new_from_impl(CosineSim { signature: signature() }));
-    ctx.register_udf(ScalarUDF::new_from_impl(L2Norm { signature: signature() }));
-    ctx.register_udf(ScalarUDF::new_from_impl(MatrixRow::new("view")));
-    ctx.register_udf(ScalarUDF::new_from_impl(MatrixRow::new("caption_embedding")));
-    ctx.register_udf(ScalarUDF::new_from_impl(TeacherSlice { teachers: t.clone(), signature: signature() }));
-    ctx.register_udf(ScalarUDF::new_from_impl(Dims { signature: signature() }));
-    ctx.register_udf(ScalarUDF::new_from_impl(Hamming { signature: signature() }));
-    ctx.register_udf(ScalarUDF::new_from_impl(EmbedText::new(t)));
+    vec![
+        ScalarUDF::new_from_impl(CosineSim { signature: signature() }),
+        ScalarUDF::new_from_impl(L2Norm { signature: signature() }),
+        ScalarUDF::new_from_impl(MatrixRow::new("view")),
+        ScalarUDF::new_from_impl(MatrixRow::new("caption_embedding")),
+        ScalarUDF::new_from_impl(TeacherSlice { teachers: t.clone(), signature: signature() }),
+        ScalarUDF::new_from_impl(Dims { signature: signature() }),
+        ScalarUDF::new_from_impl(Hamming { signature: signature() }),
+        ScalarUDF::new_from_impl(EmbedText::new(t)),
+    ]
+}
+
+/// What a plan sent to other processes (Ballista's scheduler and executors) carries for one of
+/// these functions: a tag and the teachers it was made for, so the receiving side rebuilds the
+/// same function without knowing the shards. `None` for a function that is not recap's.
+pub fn wire_payload(f: &ScalarUDF) -> Option<Vec<u8>> {
+    let any: &dyn std::any::Any = f.inner().as_ref();
+    let teachers: &[Teacher] = if let Some(t) = any.downcast_ref::<TeacherSlice>() {
+        &t.teachers
+    } else if let Some(e) = any.downcast_ref::<EmbedText>() {
+        &e.teachers
+    } else if any.is::<CosineSim>() || any.is::<L2Norm>() || any.is::<MatrixRow>() || any.is::<Dims>() || any.is::<Hamming>() {
+        &[]
+    } else {
+        return None;
+    };
+    let mut out = WIRE_TAG.to_vec();
+    out.extend(serde_json::to_vec(teachers).ok()?);
+    Some(out)
+}
+
+const WIRE_TAG: &[u8] = b"recap-udf/1:";
+
+/// The function `wire_payload` described, or `None` when `buf` is not such a payload. An
+/// unknown name under recap's tag is an error (a recap of another version sent it).
+pub fn from_wire(name: &str, buf: &[u8]) -> Option<DfResult<ScalarUDF>> {
+    let json = buf.strip_prefix(WIRE_TAG)?;
+    let teachers: Vec<Teacher> = match serde_json::from_slice(json) {
+        Ok(t) => t,
+        Err(e) => return Some(exec_err!("function {name}: the plan's recap payload is not valid: {e}")),
+    };
+    Some(
+        all(&teachers)
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| DataFusionError::Plan(format!("function {name}: not one of this recap's functions (another version sent it?)"))),
+    )
 }
 
 /// The names, for `\df` and error messages.
