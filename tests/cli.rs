@@ -55,3 +55,14 @@ fn schema_commands_print_the_committed_schemas() {
     assert!(line("image").contains("struct<bytes: binary, path: utf8>"), "{}", line("image"));
     assert!(line("image_embeddings").contains("list<fixed_size_list<float16, D>>"), "{}", line("image_embeddings"));
 }
+
+/// A recap built without the `cluster` feature says how to get distributed SQL, with exit code 2.
+#[cfg(not(feature = "cluster"))]
+#[test]
+fn cluster_commands_without_the_feature_say_how_to_build_it() {
+    for args in [&["cluster", "scheduler"][..], &["query", "--cluster", "df://127.0.0.1:1", "SELECT 1"][..]] {
+        let out = recap(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features cluster"), "{args:?}");
+    }
+}
