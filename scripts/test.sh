@@ -8,3 +8,6 @@ bash scripts/python-env.sh
 bash scripts/browser-env.sh     # headless Chromium for the report test
 export RECAP_PYTHON="$PWD/.venv/bin/python"
 cargo test --locked "$@"
+# Distributed SQL (feature `cluster`, a separate build with Ballista): a scheduler and two
+# executors on loopback give the local session's results.
+cargo test --locked --features cluster --test cluster
