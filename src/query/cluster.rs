@@ -72,6 +72,17 @@ fn decode_mem(ipc: &[u8]) -> DfResult<MemTable> {
     MemTable::try_new(schema, vec![batches])
 }
 
+/// Append a recap function's payload to `buf`; false (nothing written) for another function.
+fn encode_udf(node: &ScalarUDF, buf: &mut Vec<u8>) -> bool {
+    match udf::wire_payload(node) {
+        Some(p) => {
+            buf.extend(p);
+            true
+        }
+        None => false,
+    }
+}
+
 fn decode_udf(name: &str, buf: &[u8]) -> Option<DfResult<Arc<ScalarUDF>>> {
     udf::from_wire(name, buf).map(|r| r.map(Arc::new))
 }
@@ -119,13 +130,10 @@ impl LogicalExtensionCodec for LogicalCodec {
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> DfResult<()> {
-        match udf::wire_payload(node) {
-            Some(p) => {
-                buf.extend(p);
-                Ok(())
-            }
-            None => self.inner.try_encode_udf(node, buf),
+        if encode_udf(node, buf) {
+            return Ok(());
         }
+        self.inner.try_encode_udf(node, buf)
     }
 }
 
@@ -155,26 +163,27 @@ impl PhysicalExtensionCodec for PhysicalCodec {
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> DfResult<()> {
-        match udf::wire_payload(node) {
-            Some(p) => {
-                buf.extend(p);
-                Ok(())
-            }
-            None => self.inner.try_encode_udf(node, buf),
+        if encode_udf(node, buf) {
+            return Ok(());
         }
+        self.inner.try_encode_udf(node, buf)
     }
 }
 
 /// `df://host:port` (Ballista's form) or `host:port`, checked and normalised.
 pub fn scheduler_url(url: &str) -> Result<String> {
-    let rest = url.strip_prefix("df://").unwrap_or(url);
-    let ok = rest
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if !ok {
-        return Err(Error::Usage(format!("--cluster {url:?}: expected df://HOST:PORT (the address `recap cluster scheduler` listens on)")));
+    match host_port(url) {
+        Some((host, port)) => Ok(format!("df://{host}:{port}")),
+        None => Err(Error::Usage(format!("--cluster {url:?}: expected df://HOST:PORT (the address `recap cluster scheduler` listens on)"))),
     }
-    Ok(format!("df://{rest}"))
+}
+
+/// (host, port) of `df://host:port` or `host:port`; `None` unless both are there and the port
+/// is 1-65535.
+fn host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.strip_prefix("df://").unwrap_or(addr).rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+    (!host.is_empty() && !host.contains('/')).then_some((host, port))
 }
 
 /// A statement's error as a user should read it: a scheduler that cannot be reached is said so,
@@ -267,13 +276,7 @@ fn function_registry() -> ballista_core::registry::BallistaFunctionRegistry {
 /// Run a Ballista executor registered with the scheduler until the process is stopped.
 pub async fn run_executor(o: ExecutorOptions) -> Result<()> {
     use ballista_executor::executor_process::{start_executor_process, ExecutorProcessConfig};
-    let (host, port) = o
-        .scheduler
-        .strip_prefix("df://")
-        .unwrap_or(&o.scheduler)
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| Error::Usage(format!("--scheduler {:?}: expected HOST:PORT", o.scheduler)))?;
+    let (host, port) = host_port(&o.scheduler).ok_or_else(|| Error::Usage(format!("--scheduler {:?}: expected HOST:PORT", o.scheduler)))?;
     if o.concurrent_tasks == 0 {
         return Err(Error::Usage("--concurrent-tasks must be at least 1".into()));
     }
@@ -282,7 +285,7 @@ pub async fn run_executor(o: ExecutorOptions) -> Result<()> {
         external_host: (!o.bind.ip().is_unspecified()).then(|| o.bind.ip().to_string()),
         port: o.bind.port(),
         grpc_port: o.grpc_port,
-        scheduler_host: host,
+        scheduler_host: host.to_string(),
         scheduler_port: port,
         scheduler_connect_timeout_seconds: 30,
         vcores: o.concurrent_tasks,
