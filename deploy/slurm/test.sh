@@ -58,22 +58,31 @@ for _ in $(seq 600); do grep -q "shard committed" "$log1" 2>/dev/null && break; 
 grep -q "shard committed" "$log1" || { echo "task 1 never committed a shard"; cat "$work"/recap-*.log; exit 1; }
 scontrol requeue "${job}_1"
 echo "requeued task 1 after: $(grep -c 'shard committed' "$log1") shard(s) committed"
-# Slurm holds a requeued job back for a while (its begin time moves ~2-3 minutes ahead); let it
-# start again now.
-for _ in $(seq 100); do
-  squeue -h -j "${job}_1" -o %T 2>/dev/null | grep -q PENDING && break
+# Slurm holds a requeued job back by the credential lifetime (AuthInfo cred_expire, 120 s by
+# default) so that its new launch credential is newer than the one slurmd revoked when it killed
+# the task. slurmd compares the two in whole seconds: a relaunch in the same second as the revoke
+# is refused ("credential revoked") and the task ends FAILED. So wait until the killed run has
+# exited, then let the task start again 3 s later rather than at once.
+for _ in $(seq 200); do
+  squeue -h -j "${job}_1" -o %T 2>/dev/null | grep -q PENDING && grep -q "interrupted by SIGTERM" "$log1" && break
   sleep 0.1
 done
-scontrol update JobId="${job}_1" StartTime=now || true
+scontrol update JobId="${job}_1" StartTime=now+3 || true
 for _ in $(seq 600); do
   [ -z "$(squeue -h -j "$job" 2>/dev/null)" ] && break
   sleep 0.5
 done
-if [ -n "$(squeue -h -j "$job")" ]; then echo "the array did not finish:"; squeue -j "$job"; exit 1; fi
+diagnose() {
+  for f in "$work"/recap-"$job"_*.log; do echo "--- $f"; grep -v DEBUG "$f" | cut -c1-300 | tail -25; done
+  echo "--- scontrol show job $job"; scontrol show job "$job" 2>/dev/null | grep -E 'JobId|JobState|Reason|ExitCode|Restarts' || true
+  echo "--- slurmd.log"; grep -v 'pmix\|MPI' "$STATE/slurmd.log" | tail -25
+  echo "--- slurmctld.log"; grep -i 'requeue\|fail\|error\|revoke\|begin' "$STATE/slurmctld.log" | tail -25
+}
+if [ -n "$(squeue -h -j "$job")" ]; then echo "the array did not finish:"; squeue -j "$job"; diagnose; exit 1; fi
 sacct_state=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z]*' | sort | uniq -c | tr '\n' ' ' || true)
 echo "array finished: $sacct_state"
 
-"$PY" - "$work" "$job" <<'PY'
+if ! "$PY" - "$work" "$job" <<'PY'
 import collections, glob, json, os, re, sys
 import pyarrow.parquet as pq
 work, job = sys.argv[1], sys.argv[2]
@@ -98,3 +107,7 @@ assert skipped and int(skipped[-1]) >= 1, f"the requeued task skipped nothing: {
 print(f"ok: 24 shards, each committed once; 240 rows once each; task 1 started {len(starts)} times "
       f"and skipped {skipped[-1]} shard(s) it had committed before the requeue")
 PY
+then
+  diagnose
+  exit 1
+fi
