@@ -160,6 +160,28 @@ fn queries_on_a_ballista_cluster_equal_local_results() {
     let (l, c) = (run(&[]), run(&["--cluster", &url]));
     assert!(l.lines().count() > 10, "{l}");
     assert_eq!(c, l);
+    // The shell's backslash commands and a statement, from a pipe: the same answers.
+    let script = |extra: &[&str]| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_recap"))
+            .current_dir(root())
+            .args(["query", "--shards"])
+            .arg(shards())
+            .args(["--format", "csv"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"\\d\n\\d shards\n\\d stats\nSELECT count(*) AS n FROM stats;\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (l, c) = (script(&[]), script(&["--cluster", &url]));
+    assert!(l.contains("image_embeddings") && l.contains("config_hash") && l.contains("\nn\n"), "{l}");
+    assert_eq!(c, l);
 
     // Both executors ran tasks.
     procs.check_alive();

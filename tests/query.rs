@@ -229,6 +229,19 @@ fn the_shell_runs_statements_from_stdin() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("| 40 |") && text.contains("| a;b | 1   |"), "{text}");
+    // Backslash commands on lines of their own, between statements, as psql and duckdb take them
+    // from a pipe; a `\` inside a statement is the statement's; `\q` ends the script.
+    let out = recap(
+        &["query", "--shards", &s, "--format", "csv"],
+        "\\d\n\\d stats\nSELECT '\\d' AS t\n  ;\n\\df\n\\q\nSELECT 'not run';\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("shards  ") && text.contains("stats   one row per shard"), "\\d: {text}");
+    assert!(text.contains("config_hash") && text.contains("Utf8"), "\\d stats: {text}");
+    assert!(text.contains("t\n\\d\n"), "the statement: {text}");
+    assert!(text.contains("cosine_sim(a, b)"), "\\df: {text}");
+    assert!(!text.contains("not run"), "\\q: {text}");
     // A mistyped column: exit 1, the columns listed.
     let out = recap(&["query", "--shards", &s, "SELECT clip_scor FROM shards"], "");
     let err = String::from_utf8_lossy(&out.stderr);

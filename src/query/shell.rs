@@ -19,6 +19,16 @@ statements end with ';' and may span lines. Tables: shards (one row per input ro
 
 /// Split a script into statements at `;` outside quotes and `--` comments.
 pub fn split_statements(script: &str) -> Vec<String> {
+    let (mut out, rest) = split_complete(script);
+    if !rest.trim().is_empty() {
+        out.push(rest.trim().to_string());
+    }
+    out
+}
+
+/// The statements a script completes (each ended by `;` outside quotes and comments) and the
+/// unfinished rest, comments dropped, to which more text can be appended and split again.
+fn split_complete(script: &str) -> (Vec<String>, String) {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quote: Option<char> = None;
@@ -54,10 +64,7 @@ pub fn split_statements(script: &str) -> Vec<String> {
             },
         }
     }
-    if !cur.trim().is_empty() {
-        out.push(cur.trim().to_string());
-    }
-    out
+    (out, cur)
 }
 
 /// Answer a backslash command; `Ok(false)` means quit.
@@ -108,17 +115,51 @@ async fn run_one(ctx: &SessionContext, sql: &str, format: Format, timing: bool) 
     }
 }
 
-/// The shell. On a terminal it reads lines with history; otherwise it runs the statements on
-/// stdin and stops at the first error (exit status 1).
+/// Run a script: its statements in order, stopping at the first error, and the backslash
+/// commands the shell knows on lines of their own between statements (as psql and duckdb take
+/// them from a file or a pipe).
+pub async fn run_script(ctx: &SessionContext, info: &ShardInfo, script: &str, format: Format) -> Result<()> {
+    let mut pending = String::new();
+    let mut timing = false;
+    for line in script.lines() {
+        if pending.trim().is_empty() && line.trim_start().starts_with('\\') {
+            if !meta(ctx, info, line.trim(), &mut timing).await? {
+                return Ok(());
+            }
+            pending.clear();
+            continue;
+        }
+        pending.push_str(line);
+        pending.push('\n');
+        let (done, rest) = split_complete(&pending);
+        for sql in done {
+            script_statement(ctx, &sql, format, timing).await?;
+        }
+        pending = rest;
+    }
+    if !pending.trim().is_empty() {
+        script_statement(ctx, pending.trim(), format, timing).await?;
+    }
+    Ok(())
+}
+
+async fn script_statement(ctx: &SessionContext, sql: &str, format: Format, timing: bool) -> Result<()> {
+    let t = std::time::Instant::now();
+    let r = execute(ctx, sql).await?;
+    write_result(&r, format, None)?;
+    if timing {
+        eprintln!("{:.3}s, {:.1} MB read from the shards", t.elapsed().as_secs_f64(), r.bytes_scanned as f64 / 1e6);
+    }
+    Ok(())
+}
+
+/// The shell. On a terminal it reads lines with history; otherwise it runs the script on stdin
+/// ([`run_script`]) and stops at the first error (exit status 1).
 pub async fn run(ctx: &SessionContext, info: &ShardInfo, spec: &Path, format: Format) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         let mut script = String::new();
         std::io::stdin().read_to_string(&mut script).map_err(|e| Error::io("cannot read", "stdin", e))?;
-        for sql in split_statements(&script) {
-            let r = execute(ctx, &sql).await?;
-            write_result(&r, format, None)?;
-        }
-        return Ok(());
+        return run_script(ctx, info, &script, format).await;
     }
     use rustyline::error::ReadlineError;
     let mut rl = rustyline::DefaultEditor::new().map_err(|e| Error::Usage(format!("cannot start the shell: {e}")))?;
@@ -175,5 +216,14 @@ mod tests {
     fn statements_split_outside_quotes_and_comments() {
         let s = split_statements("SELECT 'a;b' AS x; -- a comment; still comment\nSELECT 2;\n\n");
         assert_eq!(s, vec!["SELECT 'a;b' AS x".to_string(), "SELECT 2".to_string()]);
+    }
+
+    #[test]
+    fn an_unfinished_statement_is_kept_for_the_next_line() {
+        let (done, rest) = split_complete("SELECT 1; SELECT 'a;\n");
+        assert_eq!(done, vec!["SELECT 1".to_string()]);
+        let (done, rest) = split_complete(&format!("{rest}b' -- c;\n;\n"));
+        assert_eq!(done, vec!["SELECT 'a;\nb'".to_string()]);
+        assert!(rest.trim().is_empty());
     }
 }
