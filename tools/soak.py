@@ -6,8 +6,9 @@ kill   : RUNS runs of one pipeline (600 rows, 30 shards, served shapeworld with 
          after the last, a run to completion gives every input row exactly once.
 slow   : CONNS concurrent connections to a loopback server that trickles one byte a second and
          never finishes, mixed with NORMAL rows from a served shapeworld; recap (concurrency
-         CONNS + NORMAL) must keep progressing: the normal rows download while the slow ones hang,
-         the slow ones end as `timeout`; peak RSS sampled throughout; no row lost.
+         CONNS + NORMAL) must keep progressing: every normal image is served (timed by the test's
+         own server) before the slow ones time out, while they are open; the slow ones end as
+         `timeout`; peak RSS sampled throughout; no row lost.
 
 Usage: .venv/bin/python tools/soak.py kill [--runs 100]
        .venv/bin/python tools/soak.py slow [--conns 10000]
@@ -124,7 +125,7 @@ output:
     return ok
 
 
-async def trickle_server(port, stats):
+async def trickle_server(port, stats, images):
     async def handle(reader, writer):
         stats["open"] += 1
         stats["peak"] = max(stats["peak"], stats["open"])
@@ -140,9 +141,25 @@ async def trickle_server(port, stats):
         finally:
             stats["open"] -= 1
             writer.close()
+    async def handle_image(reader, writer):
+        # The normal rows' images, served here (not by `recap synth serve`) so that each one's
+        # completion time is known: progress while the slow connections hang is measured.
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].decode()
+            body = (images / path.removeprefix("/img/")).read_bytes()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            stats["served"].append((time.monotonic(), stats["open"]))
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            writer.close()
     server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096, limit=1 << 16)
-    async with server:
-        await server.serve_forever()
+    normal = await asyncio.start_server(handle_image, "127.0.0.1", port + 1, backlog=4096)
+    async with server, normal:
+        await asyncio.gather(server.serve_forever(), normal.serve_forever())
 
 
 def slow(args):
@@ -150,14 +167,15 @@ def slow(args):
     work = Path(args.work) / "slow"
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
-    stats = {"open": 0, "peak": 0}
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=lambda: loop.run_until_complete(trickle_server(args.port, stats)), daemon=True).start()
-    time.sleep(0.5)
+    stats = {"open": 0, "peak": 0, "served": []}
     subprocess.run([args.recap, "synth", "--out", str(work / "world"), "--count", "200", "--seed", "4",
                     "--min-size", "64x48", "--max-size", "160x120", "--png-fraction", "0"], check=True, stdout=subprocess.DEVNULL)
-    server = serve_world(args.recap, work / "world", args.port + 1)
-    normal = pq.read_table(work / "world" / "urls.parquet", columns=["url"]).column("url").to_pylist()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=lambda: loop.run_until_complete(trickle_server(args.port, stats, work / "world" / "images")),
+                     daemon=True).start()
+    time.sleep(0.5)
+    files = [u.split("/img/", 1)[1] for u in pq.read_table(work / "world" / "urls.parquet", columns=["url"]).column("url").to_pylist()]
+    normal = [f"http://127.0.0.1:{args.port + 1}/img/{f}" for f in files]
     slow_urls = [f"http://127.0.0.1:{args.port}/slow/{i}.jpg" for i in range(args.conns)]
     normal_urls = [normal[i % len(normal)] for i in range(args.normal)]
     # Interleaved: every shard holds slow and normal rows.
@@ -202,7 +220,7 @@ output:
         r = rss_mb(p.pid)
         peak_rss = max(peak_rss, r)
         peak_conns = max(peak_conns, stats["open"])
-        samples.append((round(time.monotonic() - start, 1), round(r, 1), stats["open"], len(list((work / "shards").glob("*.done")))))
+        samples.append((round(time.monotonic() - start, 1), round(r, 1), stats["open"], len(stats["served"])))
         time.sleep(0.5)
     out = p.stdout.read()
     committed, probs = shard_rows(work / "shards")
@@ -211,12 +229,20 @@ output:
     for f in (work / "shards").glob("*.stats.json"):
         for k, v in json.loads(f.read_text())["status"].items():
             statuses[k] = statuses.get(k, 0) + v
-    server.terminate()
+    served = stats["served"]
+    # Progress while the slow connections hang: every normal image was served before the slow
+    # ones timed out, most of them while (nearly) all slow connections were open.
+    last_normal_s = round(max(t for t, _ in served) - start, 1) if served else None
+    open_at_normal = sorted(o for _, o in served)
+    open_median = open_at_normal[len(open_at_normal) // 2] if served else 0
     ok = (p.returncode == 0 and rows == n and not probs and statuses.get("ok", 0) == args.normal
-          and statuses.get("timeout", 0) == args.conns)
+          and statuses.get("timeout", 0) == args.conns and len(served) == args.normal
+          and last_normal_s is not None and last_normal_s < args.timeout)
     print(json.dumps({"test": "slow", "slow_connections": args.conns, "normal_rows": args.normal, "peak_open_connections": peak_conns, "peak_rss_mb": round(peak_rss, 1),
                       "seconds": round(time.monotonic() - start, 1), "rows": rows, "statuses": statuses,
-                      "rss_mb_every_5s": [s[1] for s in samples[::10]], "shards_done_every_5s": [s[3] for s in samples[::10]],
+                      "rss_mb_every_5s": [s[1] for s in samples[::10]], "open_slow_every_5s": [s[2] for s in samples[::10]],
+                      "normal_served_every_5s": [s[3] for s in samples[::10]], "all_normal_served_at_s": last_normal_s,
+                      "median_slow_open_while_serving_normal": open_median,
                       "ok": ok, "tail": out[-300:] if not ok else ""}))
     return ok
 
