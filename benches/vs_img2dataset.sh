@@ -72,6 +72,9 @@ output:
 YAML
 
 rm -rf "$work/i2d-out" "$work/recap-out" "$work/recap-lanczos-out"
+# albumentations (an img2dataset dependency) asks PyPI for a newer version at import, in every
+# process; that network round trip is not img2dataset's work, so it is switched off.
+export NO_ALBUMENTATIONS_UPDATE=1
 i2d=$(python3 benches/peak_rss.py img2dataset -- .venv-bench/bin/img2dataset \
   --url_list "$work/world/urls.parquet" --input_format parquet --url_col url --caption_col caption \
   --output_folder "$work/i2d-out" --processes_count 2 --thread_count 64 --image_size 256 \

@@ -10,6 +10,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = recap::cli::Cli::parse();
+    if matches!(cli.command, recap::cli::Command::Run(_)) {
+        // Small short-lived buffers on many threads: huge pages cost CPU and memory there.
+        recap::engine::without_huge_pages();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RECAP_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

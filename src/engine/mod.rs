@@ -84,6 +84,23 @@ struct ShardDone {
     rows_recovered: u64,
 }
 
+/// Turn the kernel's transparent huge pages off for this process; `recap run` calls it first.
+/// A run allocates and frees many small, short-lived buffers (one image each) on several
+/// threads. Where transparent huge pages are on (`always`, or `madvise`, which mimalloc asks
+/// for), every page the allocator returns and touches again comes back as a fresh 2 MiB page the
+/// kernel zeroes: measured on the shapes web, 11% of the CPU in the kernel's `clear_page`, 5% more
+/// wall time and 20% more peak memory, and a peak that jumped by tens of MB from run to run. The
+/// trainer, whose large tensor buffers live long, keeps them. Returns whether the kernel agreed.
+pub fn without_huge_pages() -> bool {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and only sets a flag on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Run a validated plan to completion (or to the first infrastructure error).
 pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let start = Instant::now();
@@ -544,6 +561,17 @@ async fn process_row(ctx: Arc<Ctx>, url: Option<String>) -> Outcome {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn huge_pages_are_turned_off_for_the_process() {
+        assert!(super::without_huge_pages());
+        // Linux 5.0+ reports the flag in /proc/self/status.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+        }
+    }
+
     #[test]
     fn rates_read_as_rows_per_second() {
         assert_eq!(super::rate(1234.5678), "1235 rows/s");
