@@ -10,7 +10,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = recap::cli::Cli::parse();
-    if matches!(cli.command, recap::cli::Command::Run(_)) {
+    let is_run = matches!(cli.command, recap::cli::Command::Run(_));
+    if is_run {
         // Small short-lived buffers on many threads: huge pages cost CPU and memory there.
         recap::engine::without_huge_pages();
     }
@@ -27,7 +28,6 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let is_run = matches!(cli.command, recap::cli::Command::Run(_));
     let result = match runtime.block_on(async {
         tokio::select! {
             r = recap::cli::execute(cli) => Ok(r),

@@ -237,7 +237,7 @@ output:
     open_median = open_at_normal[len(open_at_normal) // 2] if served else 0
     ok = (p.returncode == 0 and rows == n and not probs and statuses.get("ok", 0) == args.normal
           and statuses.get("timeout", 0) == args.conns and len(served) == args.normal
-          and last_normal_s is not None and last_normal_s < args.timeout)
+          and all(t - start < args.timeout for t, _ in served))
     print(json.dumps({"test": "slow", "slow_connections": args.conns, "normal_rows": args.normal, "peak_open_connections": peak_conns, "peak_rss_mb": round(peak_rss, 1),
                       "seconds": round(time.monotonic() - start, 1), "rows": rows, "statuses": statuses,
                       "rss_mb_every_5s": [s[1] for s in samples[::10]], "open_slow_every_5s": [s[2] for s in samples[::10]],
