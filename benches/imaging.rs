@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| recap::imaging::jpeg::decode_scaled(bytes, k).expect("decodes"))
             });
             group.bench_with_input(BenchmarkId::new(format!("libjpeg_{k}of8_fast"), &label), &bytes, |b, bytes| {
-                b.iter(|| recap::imaging::jpeg::decode_scaled_opts(bytes, k, true).expect("decodes"))
+                b.iter(|| recap::imaging::jpeg::decode_scaled_opts(bytes, k, true, Vec::new()).expect("decodes"))
             });
         }
     }

@@ -32,6 +32,9 @@ const ROBOTS_MAX_BYTES: usize = 512 * 1024;
 /// Sites whose robots.txt is remembered; past this, the parsed ones are forgotten and fetched
 /// again if their host comes back (memory stays bounded on lists naming millions of hosts).
 const ROBOTS_CACHE_CAP: usize = 100_000;
+/// The most a body buffer is sized up front from a Content-Length header (larger bodies grow as
+/// they arrive), so that a lying header cannot make recap reserve `max_bytes` per request.
+const PRESIZE_LIMIT: u64 = 16 << 20;
 
 /// A redirect refused by our policy (too many, or a loop).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -303,7 +306,8 @@ impl Fetcher {
             }
         }
         let max = self.cfg.max_bytes.0;
-        if let Some(len) = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        let declared = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(len) = declared {
             if len > max {
                 return Err(with_code(AttemptFail::new(
                     Status::TooLarge,
@@ -312,7 +316,10 @@ impl Fetcher {
             }
         }
         let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let mut buf: Vec<u8> = Vec::new();
+        // Sized once from Content-Length (already checked against max_bytes; a server that sends
+        // less only leaves capacity unused) rather than grown by doubling: every regrowth copied
+        // the body into fresh memory.
+        let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0).min(PRESIZE_LIMIT) as usize);
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {

@@ -105,13 +105,19 @@ pub fn header_size(bytes: &[u8]) -> Result<(u32, u32), String> {
 /// A JPEG decoded at `k`/8 of its size (k in 1..=8) to RGB, with its EXIF orientation; `None`
 /// when the colour space needs the general decoder (CMYK, YCCK).
 pub fn decode_scaled(bytes: &[u8], k: u32) -> Result<Option<(image::RgbImage, Orientation)>, String> {
-    decode_scaled_opts(bytes, k, false)
+    decode_scaled_opts(bytes, k, false, Vec::new())
 }
 
 /// [`decode_scaled`] with libjpeg's fast options when `fast` (merged chroma upsampling instead
-/// of "fancy" triangle filtering, integer-fast IDCT): for benches/imaging.rs.
-pub fn decode_scaled_opts(bytes: &[u8], k: u32, fast: bool) -> Result<Option<(image::RgbImage, Orientation)>, String> {
-    let decoded = run(|| {
+/// of "fancy" triangle filtering, integer-fast IDCT): for benches/imaging.rs. The pixels are
+/// written into `pixels` (cleared first), so that a caller can hand in a buffer it recycles.
+pub fn decode_scaled_opts(
+    bytes: &[u8],
+    k: u32,
+    fast: bool,
+    mut pixels: Vec<u8>,
+) -> Result<Option<(image::RgbImage, Orientation)>, String> {
+    let decoded = run(move || {
         let mut d = mozjpeg::Decompress::with_err(error_mgr()).with_markers(&[mozjpeg::Marker::APP(1)]).from_mem(bytes)?;
         if !matches!(d.color_space(), C::JCS_YCbCr | C::JCS_GRAYSCALE | C::JCS_RGB) {
             return Ok(None);
@@ -128,7 +134,12 @@ pub fn decode_scaled_opts(bytes: &[u8], k: u32, fast: bool) -> Result<Option<(im
         }
         let mut started = d.rgb()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
-        let pixels: Vec<u8> = started.read_scanlines()?;
+        let size = (w as usize) * (h as usize) * 3;
+        pixels.clear();
+        pixels.try_reserve_exact(size).map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+        let read = started.read_scanlines_into_uninit::<u8>(&mut pixels.spare_capacity_mut()[..size])?.len();
+        // SAFETY: libjpeg initialised the first `read` bytes of the spare capacity just above.
+        unsafe { pixels.set_len(read) };
         // The data ran out before the last row: libjpeg warned and padded the rest.
         if TRUNCATED.with(|t| t.get()) {
             return Err(std::io::Error::other("premature end of JPEG data (truncated file)"));

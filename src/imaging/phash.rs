@@ -7,24 +7,28 @@ use image::RgbImage;
 
 use crate::config::ResizeFilter;
 
+const N: usize = 32;
+
+/// cos(pi k (2n+1) / 2N) for the 8 lowest frequencies k, row-major by k: the same for every image.
+static COS: std::sync::LazyLock<[f64; 8 * N]> = std::sync::LazyLock::new(|| {
+    std::array::from_fn(|i| {
+        let (k, n) = (i / N, i % N);
+        (std::f64::consts::PI * k as f64 * (2 * n + 1) as f64 / (2 * N) as f64).cos()
+    })
+});
+
 pub fn phash(img: &RgbImage) -> u64 {
-    const N: usize = 32;
     // 32x32 by area averaging. imagehash resamples with PIL's Lanczos; only the 8x8 lowest
     // frequencies are kept, on which the two agree, and the box filter costs a tenth as much
     // (benches/imaging.rs, phash group: 26 us vs 213 us from 400x300).
     let small = super::resize_rgb(img, N as u32, N as u32, None, ResizeFilter::Box)
         .unwrap_or_else(|_| RgbImage::new(N as u32, N as u32));
     // PIL's "L" conversion: L = R*299/1000 + G*587/1000 + B*114/1000.
-    let gray: Vec<f64> = small
-        .pixels()
-        .map(|p| (p.0[0] as f64 * 299.0 + p.0[1] as f64 * 587.0 + p.0[2] as f64 * 114.0) / 1000.0)
-        .collect();
-    let cos: Vec<f64> = (0..8 * N)
-        .map(|i| {
-            let (k, n) = (i / N, i % N);
-            (std::f64::consts::PI * k as f64 * (2 * n + 1) as f64 / (2 * N) as f64).cos()
-        })
-        .collect();
+    let mut gray = [0f64; N * N];
+    for (g, p) in gray.iter_mut().zip(small.pixels()) {
+        *g = (p.0[0] as f64 * 299.0 + p.0[1] as f64 * 587.0 + p.0[2] as f64 * 114.0) / 1000.0;
+    }
+    let cos = &*COS;
     // DCT along rows (first 8 frequencies), then along columns.
     let mut rows = [[0f64; 8]; N];
     for (y, row) in rows.iter_mut().enumerate() {

@@ -191,7 +191,14 @@ pub fn build_batch(
     let status: StringArray = outcomes.iter().map(|o| Some(o.status.as_str())).collect();
     let reason: StringArray = outcomes.iter().map(|o| o.reason.as_deref()).collect();
     let http: UInt16Array = outcomes.iter().map(|o| o.http_status).collect();
-    let bytes: BinaryArray = outcomes.iter().map(|o| o.image.as_ref().map(|i| i.bytes.as_slice())).collect();
+    // Sized once: collected, the shard's largest column grew by doubling, copying every image
+    // into fresh memory several times per shard.
+    let image_bytes: usize = outcomes.iter().filter_map(|o| o.image.as_ref()).map(|i| i.bytes.len()).sum();
+    let mut builder = arrow::array::BinaryBuilder::with_capacity(n, image_bytes);
+    for o in outcomes {
+        builder.append_option(o.image.as_ref().map(|i| i.bytes.as_slice()));
+    }
+    let bytes: BinaryArray = builder.finish();
     let mut paths = StringBuilder::new();
     for (i, o) in outcomes.iter().enumerate() {
         match &o.image {
