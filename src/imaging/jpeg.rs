@@ -144,7 +144,7 @@ pub fn decode_scaled_opts(
         if TRUNCATED.with(|t| t.get()) {
             return Err(std::io::Error::other("premature end of JPEG data (truncated file)"));
         }
-        if pixels.len() != (w as usize) * (h as usize) * 3 {
+        if pixels.len() != size {
             let rows = pixels.len() / (w as usize * 3).max(1);
             return Err(std::io::Error::other(format!("image data ends after {rows} of {h} rows")));
         }
