@@ -355,18 +355,26 @@ pub fn input_rows_from_batch(batch: &RecordBatch, input_schema: &SchemaRef) -> R
 
 /// How shard files are written: `compression` for every column but the image bytes, which are
 /// encoded images that do not compress (no codec, dictionary or min/max statistics for them);
-/// row groups of 512 rows; `kv` as the file's key-value metadata.
+/// row groups of 512 rows; `kv` as the file's key-value metadata. The image bytes go in pages of
+/// 128-256 KiB (parquet cuts each write so that it adds at most the limit to a page): with one
+/// page per row group the encoder grew a buffer by doubling to the whole row group's images and
+/// then copied it into the page, a transient of about three copies of them at every shard write
+/// (the largest left in a download-only run).
 fn shard_properties(compression: parquet::basic::Compression, kv: Vec<KeyValue>) -> WriterProperties {
     let image_bytes = parquet::schema::types::ColumnPath::new(vec!["image".into(), "bytes".into()]);
     WriterProperties::builder()
         .set_compression(compression)
         .set_column_compression(image_bytes.clone(), parquet::basic::Compression::UNCOMPRESSED)
         .set_column_dictionary_enabled(image_bytes.clone(), false)
-        .set_column_statistics_enabled(image_bytes, parquet::file::properties::EnabledStatistics::None)
+        .set_column_statistics_enabled(image_bytes.clone(), parquet::file::properties::EnabledStatistics::None)
+        .set_column_data_page_size_limit(image_bytes, IMAGE_PAGE_BYTES)
         .set_max_row_group_row_count(Some(512))
         .set_key_value_metadata(Some(kv))
         .build()
 }
+
+/// Target size of a data page of the image bytes column.
+const IMAGE_PAGE_BYTES: usize = 128 * 1024;
 
 /// Writes shards into one directory, or stages them in one and uploads them to an object store
 /// prefix (the marker last).
@@ -604,6 +612,60 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The image bytes of a shard go in pages of about `IMAGE_PAGE_BYTES`, not one page per row
+    /// group: the encoder's buffer (and the copy into the page) is what a shard write holds.
+    #[test]
+    fn image_bytes_are_written_in_small_pages_and_read_back_whole() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let n = 1000;
+        let urls: StringArray = (0..n).map(|i| Some(format!("http://h/{i}.jpg"))).collect();
+        let caps: StringArray = (0..n).map(|i| Some(format!("caption {i}"))).collect();
+        let input = RecordBatch::try_from_iter([("url", Arc::new(urls) as ArrayRef), ("caption", Arc::new(caps) as ArrayRef)]).unwrap();
+        // 2,000-4,000 bytes each, no two alike: ~3 MB in all, ~1.5 MB per 512-row row group.
+        let image = |i: usize| -> Vec<u8> { (0..2000 + (i * 37) % 2000).map(|j| ((i * 131 + j * 7) % 251) as u8).collect() };
+        let outcomes: Vec<Outcome> = (0..n)
+            .map(|i| {
+                let mut o = Outcome::failed(crate::outcome::Status::Ok, "");
+                o.reason = None;
+                o.image = Some(crate::outcome::ImageData { bytes: image(i), extension: "jpg", width: 8, height: 8, phash: i as u64 });
+                o
+            })
+            .collect();
+        let fields: Vec<arrow::datatypes::Field> = input.schema().fields()[2..].iter().map(|f| f.as_ref().clone()).collect();
+        let schema = schema::with_passthrough(&fields);
+        let batch = build_batch(&schema, 4, 1000, &input, &outcomes).unwrap();
+        let props = shard_properties(parquet::basic::Compression::ZSTD(Default::default()), vec![]);
+        let mut w = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        let bytes = bytes::Bytes::from(w.into_inner().unwrap());
+
+        let reader = SerializedFileReader::new(bytes.clone()).unwrap();
+        let meta = reader.metadata();
+        assert_eq!(meta.num_row_groups(), 2, "512-row row groups");
+        let col = meta.file_metadata().schema_descr().columns().iter().position(|c| c.path().string() == "image.bytes").unwrap();
+        let mut pages = 0;
+        for rg in 0..meta.num_row_groups() {
+            for page in reader.get_row_group(rg).unwrap().get_column_page_reader(col).unwrap() {
+                let page = page.unwrap();
+                pages += 1;
+                // Parquet cuts a write into parts of at most the limit and closes a page once
+                // it reaches the limit: under twice the limit (and one image), against ~1.5 MB
+                // for a row group in one page.
+                assert!(page.buffer().len() <= 2 * IMAGE_PAGE_BYTES + 4000 + 64, "page of {} bytes", page.buffer().len());
+            }
+        }
+        assert!(pages >= 12, "{pages} pages for ~3 MB of images");
+
+        let back: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap().collect::<std::result::Result<_, _>>().unwrap();
+        let back = arrow::compute::concat_batches(&back[0].schema(), &back).unwrap();
+        let images = back.column_by_name("image").unwrap().as_any().downcast_ref::<StructArray>().unwrap();
+        let data = images.column_by_name("bytes").unwrap().as_any().downcast_ref::<BinaryArray>().unwrap();
+        assert_eq!(data.len(), n);
+        for i in 0..n {
+            assert_eq!(data.value(i), image(i).as_slice(), "row {i}");
+        }
+    }
 
     #[test]
     fn keys_sort_and_widen() {
