@@ -108,7 +108,7 @@ pub fn without_huge_pages() -> bool {
 /// mimalloc kept that, and a run's peak was the worst coincidence over its shards, which grew
 /// with the number of shards (download-only bench, 1000-row shards: 1M rows 84 MB, 3k 61-65).
 /// With this, and smaller image pages in the shard (`sink::shard_properties`), 1M rows peak at
-/// 62-64 MB, 100k at 59-63, 3k at 52-58. Twice per shard costs nothing measurable (shapes bench:
+/// 59-64 MB, 100k at 59-63, 3k at 49-58. Twice per shard costs nothing measurable (shapes bench:
 /// wall 0.98x, CPU 1.00x), unlike a purge on every free (`MIMALLOC_PURGE_DELAY=0`: 12% slower).
 /// Under another allocator, or with purging turned off (the trainer), it does nothing.
 fn release_freed_memory() {

@@ -759,9 +759,9 @@ pub(crate) fn prepare_cpu(threads: u32) {
 
 /// A training step frees and reallocates the same large tensor buffers every step: tell mimalloc
 /// (the binary's allocator) to keep freed memory instead of returning it to the OS after its
-/// purge delay, which made the kernel fault in and zero fresh pages all step long (measured under
-/// mimalloc 2's 10 ms delay: 8100 page faults and 20% more CPU over 13 steps of the tiny preset;
-/// mimalloc 3, linked now, waits 1 s). Harmless under another allocator.
+/// purge delay (1 s by default in mimalloc 3, the version linked), which made the kernel fault in
+/// and zero fresh pages all step long (measured: 8100 page faults and 20% more CPU over 13 steps
+/// of the tiny preset). Harmless under another allocator.
 pub fn keep_freed_memory() {
     // mi_option_purge_delay (15 in mimalloc 2's and 3's option enums): -1 = never purge.
     unsafe { libmimalloc_sys::mi_option_set(15, -1) };
