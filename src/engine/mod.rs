@@ -116,6 +116,18 @@ fn release_freed_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
+/// Write and commit a shard's batch, its outcomes already counted into `stats`. The batch holds
+/// its own copy of every image, so the outcomes go (and their memory back) before the encoder
+/// allocates, and the batch after the commit.
+fn commit_shard(writer: &ShardWriter, index: u64, batch: RecordBatch, outcomes: Vec<Outcome>, stats: &mut ShardStats) -> Result<()> {
+    drop(outcomes);
+    release_freed_memory();
+    writer.write(index, &batch, stats)?;
+    drop(batch);
+    release_freed_memory();
+    Ok(())
+}
+
 /// Run a validated plan to completion (or to the first infrastructure error).
 pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let start = Instant::now();
@@ -310,12 +322,7 @@ async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: 
         stats.seconds.score = times.score;
         stats.seconds.write = t.elapsed().as_secs_f64();
         stats.seconds.wall = start.elapsed().as_secs_f64();
-        // The batch holds its own copy of every image: the outcomes' go before the encoder's.
-        drop(outcomes);
-        release_freed_memory();
-        writer.write(index, &batch, &mut stats)?;
-        drop(batch);
-        release_freed_memory();
+        commit_shard(&writer, index, batch, outcomes, &mut stats)?;
         Ok(stats)
     })
     .await
@@ -494,11 +501,7 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
         stats.seconds.wall += start.elapsed().as_secs_f64();
         stats.retried.attempted = old_stats.retried.attempted + attempted;
         stats.retried.recovered = old_stats.retried.recovered + recovered;
-        drop(outcomes);
-        release_freed_memory();
-        writer.write(index, &new_batch, &mut stats)?;
-        drop(new_batch);
-        release_freed_memory();
+        commit_shard(&writer, index, new_batch, outcomes, &mut stats)?;
         Ok(stats)
     })
     .await
