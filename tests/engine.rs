@@ -375,3 +375,65 @@ async fn a_sql_filter_marks_the_rows_it_rejects() {
         assert!(e.contains("filter.sql") && e.contains(want), "{e}");
     }
 }
+
+/// A shard is built and encoded a slice of rows at a time (128): a shard of 290 rows (three
+/// slices, the last short) must hold exactly what shards of 20 rows hold for the same input rows
+/// (status, reason, image bytes), with keys and image paths numbered across the slices, one
+/// marker and stats counting every row; under `filter.sql` too, which runs per slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_written_in_slices_holds_what_small_shards_hold() {
+    use arrow::array::{Array, BinaryArray, StructArray};
+    let w = world(300, 3, "404=4", ServeOptions::default()).await;
+    let filter = if cfg!(feature = "query") { "filter:\n  sql: \"id % 7 <> 3\"\n" } else { "" };
+    let run = |name: &str, rps: u64| {
+        let out = w.tmp.path().join(name);
+        let p = pipeline(&w, &out, rps, "", "");
+        std::fs::write(&p, std::fs::read_to_string(&p).unwrap() + filter).unwrap();
+        (out, p)
+    };
+    type Row = (String, Option<String>, Option<Vec<u8>>);
+    let rows_by_id = |out: &std::path::Path, rps: u64| -> Vec<Row> {
+        let mut all = Vec::new();
+        for (shard, b) in read_all(out) {
+            let ids = u64s(&b, "id");
+            let keys = strings(&b, "key");
+            let status = strings(&b, "status");
+            let reason = strings(&b, "reason");
+            let image = b.column_by_name("image").unwrap().as_any().downcast_ref::<StructArray>().unwrap();
+            let bytes = image.column(0).as_any().downcast_ref::<BinaryArray>().unwrap();
+            let paths = image.column(1).as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
+            for i in 0..b.num_rows() {
+                assert_eq!(ids[i], shard * rps + i as u64, "input order kept");
+                let key = keys[i].clone().unwrap();
+                assert_eq!(key, format!("{shard:05}{i:04}"));
+                if image.is_valid(i) {
+                    assert!(paths.value(i).starts_with(&format!("{key}.")), "row {}: image path {} for key {key}", ids[i], paths.value(i));
+                }
+                all.push((status[i].clone().unwrap(), reason[i].clone(), image.is_valid(i).then(|| bytes.value(i).to_vec())));
+            }
+            let stats: recap::sink::ShardStats =
+                serde_json::from_slice(&std::fs::read(out.join(format!("{shard:05}.stats.json"))).unwrap()).unwrap();
+            assert_eq!(stats.rows, b.num_rows() as u64);
+            assert_eq!(stats.status.values().sum::<u64>(), stats.rows);
+            let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(format!("{shard:05}.done"))).unwrap()).unwrap();
+            assert_eq!(marker["rows"], b.num_rows() as u64);
+        }
+        all
+    };
+    let (big, p) = run("big", 290);
+    let s = engine::run(&config::load(&p, &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    assert_eq!((s.rows, s.shards_written.clone()), (300, vec![0, 1]));
+    let (small, p) = run("small", 20);
+    engine::run(&config::load(&p, &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let (a, b) = (rows_by_id(&big, 290), rows_by_id(&small, 20));
+    assert_eq!(a.len(), 300);
+    for (id, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x, y, "row {id}");
+    }
+    let count = |st: &str| a.iter().filter(|r| r.0 == st).count();
+    assert!(count("ok") > 200 && count("http_error") > 0 && count("decode_failed") > 0, "{:?}", s.status);
+    if cfg!(feature = "query") {
+        assert!(count("filtered") > 20, "{:?}", s.status);
+        assert!(a.iter().filter(|r| r.0 == "filtered").all(|r| r.2.is_none()));
+    }
+}

@@ -22,7 +22,7 @@ use crate::fetch::Fetcher;
 use crate::imaging;
 use crate::outcome::{Outcome, StageSeconds, Status};
 use crate::reinforce::{StageTimes, Stages};
-use crate::sink::{self, schema, ShardStats, ShardWriter};
+use crate::sink::{self, schema, ShardFile, ShardStats, ShardWriter};
 use crate::source::InputShard;
 
 pub use worker::Worker;
@@ -116,14 +116,57 @@ fn release_freed_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
-/// Write and commit a shard's batch, its outcomes already counted into `stats`. The batch holds
-/// its own copy of every image, so the outcomes go (and their memory back) before the encoder
-/// allocates, and the batch after the commit.
-fn commit_shard(writer: &ShardWriter, index: u64, batch: RecordBatch, outcomes: Vec<Outcome>, stats: &mut ShardStats) -> Result<()> {
-    drop(outcomes);
-    release_freed_memory();
-    writer.write(index, &batch, stats)?;
-    drop(batch);
+/// Rows encoded at a time when a shard is written (a quarter of a row group).
+const WRITE_SLICE: usize = 128;
+
+/// Encode a shard a slice of rows at a time: each slice's batch is built, then its rows' images
+/// and reinforcement data (which the batch has copied) are dropped and the memory handed back
+/// before the slice is encoded. The shard's images thus exist twice only a slice at a time; a
+/// batch of the whole shard built up front held them twice, plus the encoded row group, at every
+/// shard write (the largest transient left in a download-only run). `filter.sql` runs per slice:
+/// its condition is per row. The outcomes keep their final status and reason, for the stats;
+/// the caller commits the file.
+#[allow(clippy::too_many_arguments)]
+fn encode_shard<'w>(
+    writer: &'w ShardWriter,
+    stages: Option<&Stages>,
+    sql: Option<&SqlFilter>,
+    input_fields: &[arrow::datatypes::Field],
+    index: u64,
+    rps: u64,
+    rows: &RecordBatch,
+    outcomes: &mut [Outcome],
+    reinforced: &mut [Option<crate::reinforce::Reinforcement>],
+) -> Result<ShardFile<'w>> {
+    let n = rows.num_rows();
+    let mut file: Option<ShardFile<'w>> = None;
+    let mut start = 0;
+    loop {
+        let end = (start + WRITE_SLICE).min(n);
+        // Without model stages there is no reinforcement data at all (an empty list).
+        let r: &mut [Option<crate::reinforce::Reinforcement>] = if reinforced.is_empty() { &mut [] } else { &mut reinforced[start..end] };
+        let batch = filtered_batch(stages, sql, input_fields, index, rps, start as u64, &rows.slice(start, end - start), &mut outcomes[start..end], r)?;
+        for o in &mut outcomes[start..end] {
+            o.image = None;
+        }
+        r.iter_mut().for_each(|x| *x = None);
+        release_freed_memory();
+        let f = match &mut file {
+            Some(f) => f,
+            None => file.insert(writer.begin(index, &batch.schema())?),
+        };
+        f.append(&batch)?;
+        start = end;
+        if start >= n {
+            break;
+        }
+    }
+    Ok(file.expect("a shard has at least one slice"))
+}
+
+/// Commit an encoded shard with its stats, and hand back what its writing freed.
+fn commit_shard(file: ShardFile<'_>, stats: &mut ShardStats) -> Result<()> {
+    file.commit(stats)?;
     release_freed_memory();
     Ok(())
 }
@@ -314,15 +357,16 @@ async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: 
     let sql = ctx.sql_filter.clone();
     let stats = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
         let mut outcomes = outcomes;
-        let (reinforced, times) = run_stages(stages.as_deref(), &shard.rows, &mut outcomes)?;
+        let (mut reinforced, times) = run_stages(stages.as_deref(), &shard.rows, &mut outcomes)?;
         let t = Instant::now();
-        let batch = filtered_batch(stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &shard.rows, &mut outcomes, &reinforced)?;
+        let file = encode_shard(&writer, stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &shard.rows, &mut outcomes, &mut reinforced)?;
         let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
+        drop((outcomes, reinforced));
         stats.seconds.caption = times.caption;
         stats.seconds.score = times.score;
         stats.seconds.write = t.elapsed().as_secs_f64();
         stats.seconds.wall = start.elapsed().as_secs_f64();
-        commit_shard(&writer, index, batch, outcomes, &mut stats)?;
+        commit_shard(file, &mut stats)?;
         Ok(stats)
     })
     .await
@@ -339,18 +383,21 @@ fn run_stages(stages: Option<&Stages>, rows: &RecordBatch, outcomes: &mut [Outco
     stages.run(&uids, &alts, outcomes)
 }
 
-/// The shard's record batch: the plain columns, then the reinforced ones when there are stages.
+/// A shard's record batch (or a slice of it from row `first_row`): the plain columns, then the
+/// reinforced ones when there are stages.
+#[allow(clippy::too_many_arguments)]
 fn shard_batch(
     stages: Option<&Stages>,
     input_fields: &[arrow::datatypes::Field],
     index: u64,
     rps: u64,
+    first_row: u64,
     rows: &RecordBatch,
     outcomes: &[Outcome],
     reinforced: &[Option<crate::reinforce::Reinforcement>],
 ) -> Result<RecordBatch> {
     let schema = sink::schema::with_passthrough(input_fields);
-    let batch = sink::build_batch(&schema, index, rps, rows, outcomes)?;
+    let batch = sink::build_batch(&schema, index, rps, first_row, rows, outcomes)?;
     let Some(stages) = stages else { return Ok(batch) };
     let mut fields: Vec<arrow::datatypes::FieldRef> = schema.fields().iter().cloned().collect();
     fields.extend(stages.fields().into_iter().map(Arc::new));
@@ -370,7 +417,7 @@ fn rate(per_sec: f64) -> String {
     }
 }
 
-/// The shard's batch after `filter.sql`: ok rows for which the condition is not true become
+/// The shard's batch (or slice) after `filter.sql`: ok rows for which the condition is not true become
 /// `filtered` (image dropped, as the other filters do) and the batch is rebuilt.
 #[allow(clippy::too_many_arguments)]
 fn filtered_batch(
@@ -379,11 +426,12 @@ fn filtered_batch(
     input_fields: &[arrow::datatypes::Field],
     index: u64,
     rps: u64,
+    first_row: u64,
     rows: &RecordBatch,
     outcomes: &mut [Outcome],
     reinforced: &[Option<crate::reinforce::Reinforcement>],
 ) -> Result<RecordBatch> {
-    let batch = shard_batch(stages, input_fields, index, rps, rows, outcomes, reinforced)?;
+    let batch = shard_batch(stages, input_fields, index, rps, first_row, rows, outcomes, reinforced)?;
     let Some(f) = sql else { return Ok(batch) };
     let keep = f.keep(&batch).map_err(|e| Error::Internal(format!("shard {index}: {e}")))?;
     let mut changed = false;
@@ -398,7 +446,7 @@ fn filtered_batch(
     if !changed {
         return Ok(batch);
     }
-    shard_batch(stages, input_fields, index, rps, rows, outcomes, reinforced)
+    shard_batch(stages, input_fields, index, rps, first_row, rows, outcomes, reinforced)
 }
 
 #[cfg(feature = "query")]
@@ -488,10 +536,11 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
         let mut outcomes = outcomes;
         // The model stages run again over every ok row: seeded by uid, kept rows get the same
         // captions and views, and shard-level filters see the recovered rows.
-        let (reinforced, times) = run_stages(stages.as_deref(), &input_rows, &mut outcomes)?;
+        let (mut reinforced, times) = run_stages(stages.as_deref(), &input_rows, &mut outcomes)?;
         let t = Instant::now();
-        let new_batch = filtered_batch(stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &input_rows, &mut outcomes, &reinforced)?;
+        let file = encode_shard(&writer, stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &input_rows, &mut outcomes, &mut reinforced)?;
         let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
+        drop((outcomes, reinforced));
         stats.bytes_downloaded = old_stats.bytes_downloaded + new_bytes;
         stats.seconds = old_stats.seconds;
         stats.seconds.stages += new_secs;
@@ -501,7 +550,7 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
         stats.seconds.wall += start.elapsed().as_secs_f64();
         stats.retried.attempted = old_stats.retried.attempted + attempted;
         stats.retried.recovered = old_stats.retried.recovered + recovered;
-        commit_shard(&writer, index, new_batch, outcomes, &mut stats)?;
+        commit_shard(file, &mut stats)?;
         Ok(stats)
     })
     .await

@@ -173,11 +173,13 @@ pub fn url_uid(url: &str) -> String {
     hex::encode(&Sha256::digest(url.as_bytes())[..16])
 }
 
-/// Build the shard's batch: the input rows (url, caption, passthrough) and one outcome per row.
+/// Build a shard's batch, or a slice of it whose first row is the shard's row `first_row`: the
+/// input rows (url, caption, passthrough) and one outcome per row.
 pub fn build_batch(
     schema: &SchemaRef,
     shard: u64,
     rows_per_shard: u64,
+    first_row: u64,
     input: &RecordBatch,
     outcomes: &[Outcome],
 ) -> Result<RecordBatch> {
@@ -186,7 +188,7 @@ pub fn build_batch(
         return Err(Error::Internal(format!("shard {shard}: {} outcomes for {n} rows", outcomes.len())));
     }
     let urls = input.column(0).as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("url column is not utf8".into()))?;
-    let key: StringArray = (0..n).map(|i| Some(row_key(shard, i as u64, rows_per_shard))).collect();
+    let key: StringArray = (0..n).map(|i| Some(row_key(shard, first_row + i as u64, rows_per_shard))).collect();
     let uid: StringArray = (0..n).map(|i| urls.is_valid(i).then(|| url_uid(urls.value(i)))).collect();
     let status: StringArray = outcomes.iter().map(|o| Some(o.status.as_str())).collect();
     let reason: StringArray = outcomes.iter().map(|o| o.reason.as_deref()).collect();
@@ -202,7 +204,7 @@ pub fn build_batch(
     let mut paths = StringBuilder::new();
     for (i, o) in outcomes.iter().enumerate() {
         match &o.image {
-            Some(img) => paths.append_value(format!("{}.{}", row_key(shard, i as u64, rows_per_shard), img.extension)),
+            Some(img) => paths.append_value(format!("{}.{}", row_key(shard, first_row + i as u64, rows_per_shard), img.extension)),
             None => paths.append_null(),
         }
     }
@@ -478,8 +480,16 @@ impl ShardWriter {
 
     /// Write the batch and stats atomically, then the completion marker. Returns bytes written.
     pub fn write(&self, shard: u64, batch: &RecordBatch, stats: &mut ShardStats) -> Result<u64> {
+        let mut file = self.begin(shard, &batch.schema())?;
+        file.append(batch)?;
+        file.commit(stats)
+    }
+
+    /// Start writing a shard whose rows will come as batches of `schema` ([`ShardFile::append`]);
+    /// nothing is visible to readers until [`ShardFile::commit`]. A rewrite takes the shard's old
+    /// marker away first, so a stale one is not trusted while the new data lands.
+    pub fn begin(&self, shard: u64, schema: &SchemaRef) -> Result<ShardFile<'_>> {
         let paths = self.paths(shard);
-        // A rewrite (retry) must not leave a stale marker trusted while the new data lands.
         let _ = std::fs::remove_file(&paths.done);
         let tmp = self.dir.join(format!(".{shard:05}.parquet.tmp"));
         let file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
@@ -490,12 +500,42 @@ impl ShardWriter {
             .key_value_metadata()
             .map(|kv| kv.iter().filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v))).collect())
             .unwrap_or_default();
-        meta.insert("huggingface".into(), schema::huggingface_features(&batch.schema()).to_string());
-        let with_meta = Arc::new(batch.schema().as_ref().clone().with_metadata(meta));
-        let batch = &batch.clone().with_schema(with_meta.clone()).map_err(|e| Error::data("shard schema metadata", e))?;
-        let mut w = ArrowWriter::try_new(file, with_meta, Some(self.props.clone()))
+        meta.insert("huggingface".into(), schema::huggingface_features(schema).to_string());
+        let schema = Arc::new(schema.as_ref().clone().with_metadata(meta));
+        let w = ArrowWriter::try_new(file, schema.clone(), Some(self.props.clone()))
             .map_err(|e| Error::data(format!("opening {}", tmp.display()), e))?;
-        w.write(batch).map_err(|e| Error::data(format!("writing {}", tmp.display()), e))?;
+        Ok(ShardFile { owner: self, shard, paths, tmp, schema, w, rows: 0 })
+    }
+}
+
+/// A shard being written (from [`ShardWriter::begin`]): its rows are appended in order, each
+/// batch encoded as it comes, so a caller can free a slice's rows before building the next;
+/// dropped without [`commit`](ShardFile::commit), it leaves only a hidden temporary that the next
+/// attempt overwrites.
+pub struct ShardFile<'a> {
+    owner: &'a ShardWriter,
+    shard: u64,
+    paths: ShardPaths,
+    tmp: PathBuf,
+    schema: SchemaRef,
+    w: ArrowWriter<File>,
+    rows: u64,
+}
+
+impl ShardFile<'_> {
+    /// Encode the next rows (row groups are cut at 512 rows whatever the batches' sizes).
+    pub fn append(&mut self, batch: &RecordBatch) -> Result<()> {
+        let batch = batch.clone().with_schema(self.schema.clone()).map_err(|e| Error::data("shard schema metadata", e))?;
+        self.w.write(&batch).map_err(|e| Error::data(format!("writing {}", self.tmp.display()), e))?;
+        self.rows += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Finish the file, move it into place with its stats, then write the completion marker
+    /// (uploading all three, the marker last, when the output is an object store). Returns the
+    /// bytes written.
+    pub fn commit(self, stats: &mut ShardStats) -> Result<u64> {
+        let ShardFile { owner, shard, paths, tmp, w, rows, .. } = self;
         let file = w.into_inner().map_err(|e| Error::data(format!("finishing {}", tmp.display()), e))?;
         file.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -503,9 +543,9 @@ impl ShardWriter {
         std::fs::rename(&tmp, &paths.parquet).map_err(|e| Error::io("cannot rename into place", &paths.parquet, e))?;
         stats.bytes_written = bytes;
         write_atomic(&paths.stats, &serde_json::to_vec_pretty(stats).expect("stats serialise"))?;
-        let marker = DoneMarker { rows: batch.num_rows() as u64, config_hash: stats.config_hash.clone() };
+        let marker = DoneMarker { rows, config_hash: stats.config_hash.clone() };
         write_atomic(&paths.done, &serde_json::to_vec(&marker).expect("marker serialises"))?;
-        if let Some(r) = &self.remote {
+        if let Some(r) = &owner.remote {
             // No rename in an object store: the marker, uploaded last, is the commit point. A
             // rewrite takes the old marker away first, as the local path does.
             let r = r.clone();
@@ -516,12 +556,12 @@ impl ShardWriter {
                 r.upload_file(&p.stats, &format!("{shard:05}.stats.json")).await?;
                 r.upload_file(&p.done, &format!("{shard:05}.done")).await
             })?;
-            self.remote_done.lock().expect("remote set").insert(shard);
+            owner.remote_done.lock().expect("remote set").insert(shard);
             for f in [&paths.parquet, &paths.stats, &paths.done] {
                 let _ = std::fs::remove_file(f);
             }
         }
-        tracing::info!(shard, rows = batch.num_rows(), bytes, "shard committed");
+        tracing::info!(shard, rows, bytes, "shard committed");
         Ok(bytes)
     }
 }
@@ -633,7 +673,7 @@ mod tests {
             })
             .collect();
         let schema = schema::with_passthrough(&[]);
-        let batch = build_batch(&schema, 4, 1000, &input, &outcomes).unwrap();
+        let batch = build_batch(&schema, 4, 1000, 0, &input, &outcomes).unwrap();
         let props = shard_properties(parquet::basic::Compression::ZSTD(Default::default()), vec![]);
         let mut w = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).unwrap();
         w.write(&batch).unwrap();

@@ -181,7 +181,7 @@ impl InputPlan {
 
     /// The input shards, in order.
     pub fn shards(&self) -> ShardIter<'_> {
-        ShardIter { plan: self, file_idx: 0, current: None, pending: Vec::new(), pending_rows: 0, next_index: 0, done: false }
+        ShardIter { plan: self, file_idx: 0, current: None, pending: std::collections::VecDeque::new(), pending_rows: 0, next_index: 0, done: false }
     }
 
     fn read_file(&self, f: &InputFile) -> Result<Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send>> {
@@ -466,26 +466,42 @@ pub struct ShardIter<'a> {
     plan: &'a InputPlan,
     file_idx: usize,
     current: Option<(usize, Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send>)>,
-    pending: Vec<RecordBatch>,
+    /// Rows read and not yet cut into a shard: the tail of a reader batch, then whole ones.
+    pending: std::collections::VecDeque<RecordBatch>,
     pending_rows: u64,
     next_index: u64,
     done: bool,
 }
 
 impl ShardIter<'_> {
+    /// Cut the next shard from the front of `pending`. The shard's rows are copied into a batch of
+    /// their own, so a shard in flight holds its rows only, not the reader batch (8192 rows) it was
+    /// cut from; what is left of that batch stays a zero-copy slice until later shards take it.
     fn take_shard(&mut self) -> Result<InputShard> {
-        let n = self.plan.rows_per_shard.min(self.pending_rows);
-        let all = concat_batches(&self.plan.schema, &self.pending).map_err(|e| Error::data("concatenating input rows", e))?;
-        let shard = all.slice(0, n as usize);
-        let rest = all.slice(n as usize, all.num_rows() - n as usize);
-        self.pending.clear();
-        self.pending_rows = rest.num_rows() as u64;
-        if rest.num_rows() > 0 {
-            self.pending.push(rest);
+        let n = self.plan.rows_per_shard.min(self.pending_rows) as usize;
+        let mut parts = Vec::new();
+        let mut need = n;
+        while need > 0 {
+            let b = self.pending.pop_front().expect("pending holds pending_rows rows");
+            if b.num_rows() > need {
+                parts.push(b.slice(0, need));
+                self.pending.push_front(b.slice(need, b.num_rows() - need));
+                need = 0;
+            } else {
+                need -= b.num_rows();
+                parts.push(b);
+            }
         }
+        // concat of one part is a zero-copy slice: copy that one by a take of all its rows.
+        let rows = match parts.as_slice() {
+            [one] => arrow::compute::take_record_batch(one, &arrow::array::UInt64Array::from_iter_values(0..n as u64)),
+            _ => concat_batches(&self.plan.schema, &parts),
+        }
+        .map_err(|e| Error::data("cutting input rows into a shard", e))?;
+        self.pending_rows -= n as u64;
         let index = self.next_index;
         self.next_index += 1;
-        Ok(InputShard { index, rows: shard })
+        Ok(InputShard { index, rows })
     }
 }
 
@@ -527,7 +543,7 @@ impl Iterator for ShardIter<'_> {
                 Some(Ok(batch)) => match self.plan.normalise(&self.plan.files[fi], &batch) {
                     Ok(b) => {
                         self.pending_rows += b.num_rows() as u64;
-                        self.pending.push(b);
+                        self.pending.push_back(b);
                     }
                     Err(e) => {
                         self.done = true;
