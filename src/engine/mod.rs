@@ -101,16 +101,17 @@ pub fn without_huge_pages() -> bool {
     false
 }
 
-/// Hand the memory freed so far back to the OS now; called when a shard's outcomes are dropped
-/// (before it is encoded) and once it is committed. The binary's allocator (mimalloc 3) otherwise
-/// keeps freed pages for 1 s before it returns them, so a run held what it had allocated and freed
-/// in the last second: building and encoding a shard lifted anonymous memory by ~8 MB for 25 ms,
-/// mimalloc kept that, and a run's peak was the worst coincidence over its shards, which grew
-/// with the number of shards (download-only bench, 1000-row shards: 1M rows 84 MB, 3k 61-65).
-/// With this, and smaller image pages in the shard (`sink::shard_properties`), 1M rows peak at
-/// 59-64 MB, 100k at 59-63, 3k at 49-58. Twice per shard costs nothing measurable (shapes bench:
-/// wall 0.98x, CPU 1.00x), unlike a purge on every free (`MIMALLOC_PURGE_DELAY=0`: 12% slower).
-/// Under another allocator, or with purging turned off (the trainer), it does nothing.
+/// Hand the memory freed so far back to the OS now; called as each slice of a shard has been
+/// built (its rows' images dropped) and once the shard is committed. The binary's allocator
+/// (mimalloc 3) otherwise keeps freed pages for 1 s before it returns them, so a run held what it
+/// had allocated and freed in the last second: building and encoding a shard lifted anonymous
+/// memory by ~8 MB for 25 ms, mimalloc kept that, and a run's peak was the worst coincidence over
+/// its shards, which grew with the number of shards (download-only bench, 1000-row shards: 1M
+/// rows 84 MB, 3k 61-65). With this, the slices ([`encode_shard`]) and smaller image pages
+/// (`sink::shard_properties`), 1M rows peak at 57 MB and 3k at 49-53. Nine calls per 1000-row
+/// shard cost nothing measurable (shapes bench: wall 1.04x and 0.98x in two turns of 8-10 pairs),
+/// unlike a purge on every free (`MIMALLOC_PURGE_DELAY=0`: 12% slower). Under another allocator,
+/// or with purging turned off (the trainer), it does nothing.
 fn release_freed_memory() {
     // SAFETY: mi_collect takes a flag and only touches the allocator's own state.
     unsafe { libmimalloc_sys::mi_collect(true) }
