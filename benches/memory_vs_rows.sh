@@ -3,6 +3,7 @@
 # 3k, 100k and 1M rows cycling over it (each row its own id), one download-only pipeline. A run's
 # memory should not grow with the number of rows (target: 1M rows <= 1.1x the 3k figure).
 # Usage: bash benches/memory_vs_rows.sh   (SIZES="3000 100000 1000000" RECAP_BIN=... BENCH_DIR=...)
+# Compare two builds with both binaries copied just before (a freshly written binary maps ~3 MB more of its file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${BENCH_DIR:-target/bench-memory}

@@ -478,13 +478,6 @@ impl ShardWriter {
         }
     }
 
-    /// Write the batch and stats atomically, then the completion marker. Returns bytes written.
-    pub fn write(&self, shard: u64, batch: &RecordBatch, stats: &mut ShardStats) -> Result<u64> {
-        let mut file = self.begin(shard, &batch.schema())?;
-        file.append(batch)?;
-        file.commit(stats)
-    }
-
     /// Start writing a shard whose rows will come as batches of `schema` ([`ShardFile::append`]);
     /// nothing is visible to readers until [`ShardFile::commit`]. A rewrite takes the shard's old
     /// marker away first, so a stale one is not trusted while the new data lands.
