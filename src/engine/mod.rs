@@ -140,6 +140,9 @@ fn encode_shard<'w>(
     reinforced: &mut [Option<crate::reinforce::Reinforcement>],
 ) -> Result<ShardFile<'w>> {
     let n = rows.num_rows();
+    if outcomes.len() != n || !(reinforced.is_empty() || reinforced.len() == n) {
+        return Err(Error::Internal(format!("shard {index}: {} outcomes and {} reinforced rows for {n} rows", outcomes.len(), reinforced.len())));
+    }
     let mut file: Option<ShardFile<'w>> = None;
     let mut start = 0;
     loop {
