@@ -108,7 +108,7 @@ pub fn without_huge_pages() -> bool {
 /// memory by ~8 MB for 25 ms, mimalloc kept that, and a run's peak was the worst coincidence over
 /// its shards, which grew with the number of shards (download-only bench, 1000-row shards: 1M
 /// rows 84 MB, 3k 61-65). With this, the slices ([`encode_shard`]) and smaller image pages
-/// (`sink::shard_properties`), 1M rows peak at 57 MB and 3k at 49-53. Nine calls per 1000-row
+/// (`sink::shard_properties`), 1M rows peak at 57-60 MB and 3k at 49-53. Nine calls per 1000-row
 /// shard cost nothing measurable (shapes bench: wall 1.04x and 0.98x in two turns of 8-10 pairs),
 /// unlike a purge on every free (`MIMALLOC_PURGE_DELAY=0`: 12% slower). Under another allocator,
 /// or with purging turned off (the trainer), it does nothing.
