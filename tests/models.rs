@@ -216,6 +216,65 @@ fn list_lens(b: &arrow::array::RecordBatch, col: &str) -> Vec<Option<usize>> {
     (0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).len())).collect()
 }
 
+/// A shard is encoded 128 rows at a time, each slice's embeddings, captions and images dropped once
+/// its batch has them: a reinforced shard of 140 rows (two slices) holds, row for row and column
+/// for column, what shards of 20 rows hold (views and captions are seeded by the row's uid, and
+/// the stored embeddings are the same bits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reinforced_shard_written_in_slices_holds_what_small_shards_hold() {
+    let w = common::world(140, 2, "404=3", recap::synth::ServeOptions::default()).await;
+    let models = root().join("models");
+    let extra = format!(
+        r#"caption:
+  model: {m}/shapeworld-captioner
+  num_captions: 2
+  max_new_tokens: 20
+  batch_size: 16
+  intra_threads: 1
+score:
+  teachers: [{m}/shapeworld-clip-a, {m}/shapeworld-clip-b]
+  augmentations: 1
+  batch_size: 32
+  intra_threads: 1
+filter:
+  min_alt_score: 0.3
+"#,
+        m = models.display()
+    );
+    let mut tables = Vec::new();
+    for (name, rps) in [("big", 140), ("small", 20)] {
+        let out = w.tmp.path().join(name);
+        let p = common::pipeline(&w, &out, rps, "", "");
+        add_stages(&p, &extra);
+        recap::engine::run(&recap::config::load(&p, &[]).unwrap(), &Default::default()).await.unwrap();
+        let shards: Vec<_> = common::read_all(&out).into_iter().map(|(_, b)| b).collect();
+        assert_eq!(shards.len(), if rps == 140 { 1 } else { 7 });
+        tables.push(arrow::compute::concat_batches(&shards[0].schema(), &shards).unwrap());
+    }
+    let (big, small) = (&tables[0], &tables[1]);
+    assert_eq!((big.num_rows(), small.num_rows()), (140, 140));
+    let status = common::strings(big, "status");
+    let late_ok = (128..140).filter(|&i| status[i].as_deref() == Some("ok")).count();
+    assert!(late_ok > 0 && status.iter().filter(|s| s.as_deref() == Some("ok")).count() > 60, "{status:?}");
+    for (i, field) in big.schema().fields().iter().enumerate() {
+        let name = field.name();
+        if name == "key" {
+            continue; // numbered by shard
+        }
+        let (a, b) = if name == "image" {
+            // image.path carries the key; the bytes must be the same.
+            let col = |t: &arrow::array::RecordBatch| t.column(i).as_any().downcast_ref::<arrow::array::StructArray>().unwrap().column(0).clone();
+            (col(big), col(small))
+        } else {
+            (big.column(i).clone(), small.column(i).clone())
+        };
+        assert_eq!(small.schema().field(i).name(), name);
+        for r in 0..140 {
+            assert!(a.slice(r, 1).to_data() == b.slice(r, 1).to_data(), "row {r}, column {name}: {:?} vs {:?}", a.slice(r, 1), b.slice(r, 1));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reinforced_run_keeps_every_row_and_writes_the_layout() {
     let w = common::world(24, 1, "404=2", recap::synth::ServeOptions::default()).await;
