@@ -151,23 +151,43 @@ fn encode_shard<'w>(
         let end = (start + WRITE_SLICE).min(n);
         // Without model stages there is no reinforcement data at all (an empty list).
         let r: &mut [Option<crate::reinforce::Reinforcement>] = if reinforced.is_empty() { &mut [] } else { &mut reinforced[start..end] };
-        let batch = filtered_batch(stages, sql, input_fields, index, rps, start as u64, &rows.slice(start, end - start), &mut outcomes[start..end], r)?;
-        for o in &mut outcomes[start..end] {
-            o.image = None;
-        }
-        r.iter_mut().for_each(|x| *x = None);
-        release_freed_memory();
-        let f = match &mut file {
-            Some(f) => f,
-            None => file.insert(writer.begin(index, &batch.schema())?),
-        };
-        f.append(&batch)?;
+        encode_slice(writer, &mut file, stages, sql, input_fields, index, rps, rows, start, &mut outcomes[start..end], r)?;
         start = end;
         if start >= n {
             break;
         }
     }
     Ok(file.expect("a shard has at least one slice"))
+}
+
+/// One slice of a shard, the shard's rows from `first` on (as many as `outcomes`): its batch is
+/// built and filtered, its rows' images and reinforcement data dropped and the memory handed back,
+/// then it is encoded into `file` (begun with the shard's first slice).
+#[allow(clippy::too_many_arguments)]
+fn encode_slice<'w>(
+    writer: &'w ShardWriter,
+    file: &mut Option<ShardFile<'w>>,
+    stages: Option<&Stages>,
+    sql: Option<&SqlFilter>,
+    input_fields: &[arrow::datatypes::Field],
+    index: u64,
+    rps: u64,
+    rows: &RecordBatch,
+    first: usize,
+    outcomes: &mut [Outcome],
+    reinforced: &mut [Option<crate::reinforce::Reinforcement>],
+) -> Result<()> {
+    let batch = filtered_batch(stages, sql, input_fields, index, rps, first as u64, &rows.slice(first, outcomes.len()), outcomes, reinforced)?;
+    for o in outcomes.iter_mut() {
+        o.image = None;
+    }
+    reinforced.iter_mut().for_each(|x| *x = None);
+    release_freed_memory();
+    let f = match file {
+        Some(f) => f,
+        None => file.insert(writer.begin(index, &batch.schema())?),
+    };
+    f.append(&batch)
 }
 
 /// Commit an encoded shard with its stats, and hand back what its writing freed.
@@ -411,17 +431,7 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
         let mut write_seconds = 0.0;
         while let Some(mut slice) = incoming.blocking_recv() {
             let t = Instant::now();
-            let first = done.len();
-            let batch = filtered_batch(None, sql.as_deref(), &input_fields, index, rps, first as u64, &rows.slice(first, slice.len()), &mut slice, &[])?;
-            for o in &mut slice {
-                o.image = None;
-            }
-            release_freed_memory();
-            let f = match &mut file {
-                Some(f) => f,
-                None => file.insert(writer.begin(index, &batch.schema())?),
-            };
-            f.append(&batch)?;
+            encode_slice(&writer, &mut file, None, sql.as_deref(), &input_fields, index, rps, &rows, done.len(), &mut slice, &mut [])?;
             done.extend(slice);
             write_seconds += t.elapsed().as_secs_f64();
         }
@@ -459,34 +469,26 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
     // Rows handed to the writer, and rows finished from the first one on without a gap.
     let (mut sent, mut finished) = (0usize, 0usize);
     // A shard of no rows still gets its (empty) file.
-    let mut first_slice = true;
-    loop {
-        let mut more = true;
-        if finished < n {
-            match finished_rows.recv().await {
-                Some((i, o)) => {
-                    slots[i] = Some(o);
-                    while finished < n && slots[finished].is_some() {
-                        finished += 1;
-                    }
-                }
-                // Every row task has ended without all rows in (one panicked): the writer sees
-                // fewer rows than the shard has and says so.
-                None => more = false,
-            }
+    if n == 0 {
+        let _ = slices.send(Vec::new()).await;
+    }
+    'rows: while sent < n {
+        let Some((i, o)) = finished_rows.recv().await else {
+            // Every row task has ended without all rows in (one panicked): the writer sees fewer
+            // rows than the shard has and says so.
+            break;
+        };
+        slots[i] = Some(o);
+        while finished < n && slots[finished].is_some() {
+            finished += 1;
         }
-        while finished - sent >= WRITE_SLICE || (finished == n && (sent < n || first_slice)) {
+        while finished - sent >= WRITE_SLICE || (finished == n && sent < n) {
             let end = (sent + WRITE_SLICE).min(finished);
             let slice: Vec<Outcome> = slots[sent..end].iter_mut().map(|s| s.take().expect("finished rows have outcomes")).collect();
-            first_slice = false;
             sent = end;
             if slices.send(slice).await.is_err() {
-                more = false;
-                break;
+                break 'rows;
             }
-        }
-        if !more || (sent == n && !first_slice) {
-            break;
         }
     }
     // Rows not started yet are not started (the writer failed); rows running finish unheard.
