@@ -426,20 +426,22 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
     let (slices, mut incoming) = mpsc::channel::<Vec<Outcome>>(2);
     let write = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
         let mut file: Option<ShardFile<'_>> = None;
-        // The finished rows without their images, for the shard's stats.
-        let mut done: Vec<Outcome> = Vec::with_capacity(n);
+        // The shard's stats, counted as its slices are written (the rows themselves are dropped).
+        let mut tally = sink::StatsTally::new(index, &config_hash);
         let mut write_seconds = 0.0;
         while let Some(mut slice) = incoming.blocking_recv() {
             let t = Instant::now();
-            encode_slice(&writer, &mut file, None, sql.as_deref(), &input_fields, index, rps, &rows, done.len(), &mut slice, &mut [])?;
-            done.extend(slice);
+            encode_slice(&writer, &mut file, None, sql.as_deref(), &input_fields, index, rps, &rows, tally.rows() as usize, &mut slice, &mut [])?;
+            for o in &slice {
+                tally.add(o);
+            }
+            drop(slice);
             write_seconds += t.elapsed().as_secs_f64();
         }
-        let Some(file) = file.filter(|_| done.len() == n) else {
-            return Err(Error::Internal(format!("shard {index}: {} of its {n} rows reached the writer", done.len())));
+        let Some(file) = file.filter(|_| tally.rows() == n as u64) else {
+            return Err(Error::Internal(format!("shard {index}: {} of its {n} rows reached the writer", tally.rows())));
         };
-        let mut stats = ShardStats::from_outcomes(index, &done, &config_hash);
-        drop(done);
+        let mut stats = tally.finish();
         stats.seconds.write = write_seconds;
         stats.seconds.wall = start.elapsed().as_secs_f64();
         commit_shard(file, &mut stats)?;
@@ -465,7 +467,9 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
             }
         })
     };
-    let mut slots: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
+    // The rows from the first one not yet handed to the writer (`sent`) to the last one finished:
+    // at most the rows in flight and a slice, not a slot per row of the shard.
+    let mut window: std::collections::VecDeque<Option<Outcome>> = std::collections::VecDeque::new();
     // Rows handed to the writer, and rows finished from the first one on without a gap.
     let (mut sent, mut finished) = (0usize, 0usize);
     // A shard of no rows still gets its (empty) file.
@@ -478,13 +482,18 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
             // rows than the shard has and says so.
             break;
         };
-        slots[i] = Some(o);
-        while finished < n && slots[finished].is_some() {
+        // Row i finishes once and rows before `sent` have all finished, so i >= sent.
+        let k = i - sent;
+        if window.len() <= k {
+            window.resize_with(k + 1, || None);
+        }
+        window[k] = Some(o);
+        while finished < n && window.get(finished - sent).is_some_and(Option::is_some) {
             finished += 1;
         }
         while finished - sent >= WRITE_SLICE || (finished == n && sent < n) {
             let end = (sent + WRITE_SLICE).min(finished);
-            let slice: Vec<Outcome> = slots[sent..end].iter_mut().map(|s| s.take().expect("finished rows have outcomes")).collect();
+            let slice: Vec<Outcome> = window.drain(..end - sent).map(|s| s.expect("finished rows have outcomes")).collect();
             sent = end;
             if slices.send(slice).await.is_err() {
                 break 'rows;

@@ -127,29 +127,59 @@ pub struct RetryStats {
 impl ShardStats {
     /// Counts from the outcomes of every row of the shard.
     pub fn from_outcomes(shard: u64, outcomes: &[Outcome], config_hash: &str) -> Self {
-        let mut s = ShardStats { shard, rows: outcomes.len() as u64, config_hash: config_hash.to_string(), ..Default::default() };
-        let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+        let mut tally = StatsTally::new(shard, config_hash);
         for o in outcomes {
-            *s.status.entry(o.status.to_string()).or_default() += 1;
-            if let Some(r) = &o.reason {
-                let mut key = format!("{}: {r}", o.status);
-                if key.len() > 160 {
-                    let mut cut = 157;
-                    while !key.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    key.truncate(cut);
-                    key.push_str("...");
-                }
-                *reasons.entry(key).or_default() += 1;
-            }
-            if let Some(h) = o.http_status {
-                *s.http_status.entry(h.to_string()).or_default() += 1;
-            }
-            s.bytes_downloaded += o.bytes_downloaded;
-            s.seconds.stages += o.seconds;
+            tally.add(o);
         }
-        let mut by_count: Vec<(String, u64)> = reasons.into_iter().collect();
+        tally.finish()
+    }
+}
+
+/// A shard's stats counted a row at a time, so that a shard written as its rows arrive need not
+/// keep every finished row (with its reason and hash strings) until its last row is in.
+#[derive(Debug)]
+pub struct StatsTally {
+    stats: ShardStats,
+    reasons: BTreeMap<String, u64>,
+}
+
+impl StatsTally {
+    pub fn new(shard: u64, config_hash: &str) -> Self {
+        StatsTally { stats: ShardStats { shard, config_hash: config_hash.to_string(), ..Default::default() }, reasons: BTreeMap::new() }
+    }
+
+    /// Rows counted so far.
+    pub fn rows(&self) -> u64 {
+        self.stats.rows
+    }
+
+    pub fn add(&mut self, o: &Outcome) {
+        let s = &mut self.stats;
+        s.rows += 1;
+        *s.status.entry(o.status.to_string()).or_default() += 1;
+        if let Some(r) = &o.reason {
+            let mut key = format!("{}: {r}", o.status);
+            if key.len() > 160 {
+                let mut cut = 157;
+                while !key.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                key.truncate(cut);
+                key.push_str("...");
+            }
+            *self.reasons.entry(key).or_default() += 1;
+        }
+        if let Some(h) = o.http_status {
+            *s.http_status.entry(h.to_string()).or_default() += 1;
+        }
+        s.bytes_downloaded += o.bytes_downloaded;
+        s.seconds.stages += o.seconds;
+    }
+
+    /// The stats, with the 50 most frequent reasons by name and the rest as `other`.
+    pub fn finish(self) -> ShardStats {
+        let mut s = self.stats;
+        let mut by_count: Vec<(String, u64)> = self.reasons.into_iter().collect();
         by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         for (i, (k, v)) in by_count.into_iter().enumerate() {
             if i < 50 {
