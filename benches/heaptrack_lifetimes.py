@@ -71,7 +71,7 @@ def frames(trace):
         ip, parent = traces[trace]
         d = ips[ip]
         for k in range(1, len(d), 3):
-            if k < len(d) and d[k] < len(strings):
+            if 0 < d[k] < len(strings):  # 0: no function name recorded
                 out.append(strings[d[k]][:60])
         trace = parent
     return " < ".join(f for f in out if not f.startswith(SKIP))[:700]
