@@ -7,7 +7,10 @@
 //! Object stores have no rename, so a shard's commit point is its completion marker, uploaded
 //! last: Parquet first (multipart above `storage.multipart_threshold`, with a `.NNNNN.upload` record
 //! naming the upload so a rerun after a kill aborts it), then the stats, then `NNNNN.done`.
-//! Readers trust only shards with their marker.
+//! Readers trust only shards with their marker. A kill can land between the store creating an
+//! upload and the record being written, so on S3 a rerun also asks the store itself
+//! (ListMultipartUploads, signed with object_store's SigV4 signer) for the open uploads of its own
+//! shards and aborts them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +36,8 @@ pub struct Remote {
     pub url: url::Url,
     pub store: Arc<dyn ObjectStore>,
     multipart: Option<Arc<dyn MultipartStore>>,
+    /// S3 only: lists the bucket's open multipart uploads.
+    s3_uploads: Option<S3Uploads>,
     pub prefix: ObjPath,
     threshold: usize,
     part: usize,
@@ -62,13 +67,15 @@ impl Remote {
         let options: &BTreeMap<String, String> = &storage.options;
         let parsed = url::Url::parse(url).map_err(|e| Error::Usage(format!("{url}: not a URL: {e}")))?;
         let bad_key = |k: &str, e: object_store::Error| Error::Usage(format!("storage.options.{k}: {e}"));
+        let mut s3_uploads = None;
         let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) = match parsed.scheme() {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
                 }
-                let s = Arc::new(b.build().map_err(|e| store_error("cannot open", url, e))?);
+                let s = Arc::new(b.clone().build().map_err(|e| store_error("cannot open", url, e))?);
+                s3_uploads = parsed.host_str().and_then(|bucket| S3Uploads::new(&b, bucket, s.clone()));
                 (s.clone(), Some(s))
             }
             "gs" => {
@@ -99,6 +106,7 @@ impl Remote {
             url: parsed,
             store,
             multipart,
+            s3_uploads,
             prefix,
             threshold: storage.multipart_threshold.0 as usize,
             part: (storage.part_size.0 as usize).max(1 << 20),
@@ -183,20 +191,47 @@ impl Remote {
         Ok(())
     }
 
-    /// Abort multipart uploads a killed run left (their `.NAME.upload` records), delete the records.
-    pub async fn abort_interrupted(&self) -> Result<Vec<String>> {
-        let mut aborted = Vec::new();
-        let Some(mp) = &self.multipart else { return Ok(aborted) };
+    /// Abort the multipart uploads a killed run left under the prefix, for the objects `mine`
+    /// accepts (by name; the caller's own shards, so that a worker starting up never aborts the
+    /// upload another worker has in flight): those named by `.NAME.upload` records (whose records
+    /// it deletes), and on S3 every open upload the store lists, which covers a kill between the
+    /// upload's creation and its record. Returns the object names aborted.
+    pub async fn abort_interrupted(&self, mine: &(dyn Fn(&str) -> bool + Sync)) -> Result<Vec<String>> {
+        let mut aborted = std::collections::BTreeSet::new();
+        let Some(mp) = &self.multipart else { return Ok(Vec::new()) };
         for (name, _) in self.list_names().await? {
             let Some(target) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".upload")) else { continue };
+            if !mine(target) {
+                continue;
+            }
             let record = self.child(&name);
             let id = String::from_utf8_lossy(&self.get(&record).await?).to_string();
             // An upload the store already forgot (completed or expired) is not an error here.
             let _ = mp.abort_multipart(&self.child(target), &id).await;
             self.store.delete(&record).await.map_err(|e| store_error("cannot delete", &format!("{}/{name}", self.url), e))?;
-            aborted.push(target.to_string());
+            aborted.insert(target.to_string());
         }
-        Ok(aborted)
+        for (name, id) in self.open_uploads().await? {
+            if mine(&name) {
+                mp.abort_multipart(&self.child(&name), &id)
+                    .await
+                    .map_err(|e| store_error("cannot abort the open upload of", &format!("{}/{name}", self.url), e))?;
+                aborted.insert(name);
+            }
+        }
+        Ok(aborted.into_iter().collect())
+    }
+
+    /// Multipart uploads the store has open for objects directly under the prefix: (name,
+    /// upload id). S3 only (ListMultipartUploads); empty on other stores.
+    pub async fn open_uploads(&self) -> Result<Vec<(String, String)>> {
+        let Some(s3) = &self.s3_uploads else { return Ok(Vec::new()) };
+        let prefix = if self.prefix.as_ref().is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let open = s3.list(&prefix).await.map_err(|e| store_error("cannot list the open multipart uploads of", self.url.as_str(), e))?;
+        Ok(open
+            .into_iter()
+            .filter_map(|(key, id)| key.strip_prefix(&prefix).filter(|n| !n.is_empty() && !n.contains('/')).map(|n| (n.to_string(), id)))
+            .collect())
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {
@@ -272,6 +307,96 @@ pub fn staging_dir(url: &str, kind: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// S3's ListMultipartUploads, which object_store does not offer: a GET on the bucket signed by
+/// object_store's own SigV4 signer with the store's credentials, at the endpoint object_store uses.
+#[derive(Clone)]
+struct S3Uploads {
+    store: Arc<object_store::aws::AmazonS3>,
+    bucket_endpoint: String,
+    region: String,
+    client: reqwest::Client,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListMultipartUploadsResult {
+    #[serde(default)]
+    upload: Vec<OpenUpload>,
+    #[serde(default)]
+    is_truncated: bool,
+    next_key_marker: Option<String>,
+    next_upload_id_marker: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct OpenUpload {
+    key: String,
+    upload_id: String,
+}
+
+impl S3Uploads {
+    /// From the builder the store was built from; None for S3 Express (zonal endpoints and
+    /// session credentials), where the `.NAME.upload` records are the only cleanup.
+    /// `bucket`: the URL's (the builder parses its URL only when it builds).
+    fn new(b: &object_store::aws::AmazonS3Builder, bucket: &str, store: Arc<object_store::aws::AmazonS3>) -> Option<S3Uploads> {
+        use object_store::aws::AmazonS3ConfigKey as K;
+        if b.get_config_value(&K::S3Express).as_deref() == Some("true") {
+            return None;
+        }
+        let region = b.get_config_value(&K::Region).unwrap_or_else(|| "us-east-1".to_string());
+        let virtual_hosted = b.get_config_value(&K::VirtualHostedStyleRequest).as_deref() == Some("true");
+        // As object_store's builder: the S3 endpoint over the generic one, the bucket in the path
+        // unless requests are virtual-hosted (then the endpoint names the bucket).
+        let bucket_endpoint = match (b.get_config_value(&K::S3Endpoint).or_else(|| b.get_config_value(&K::Endpoint)), virtual_hosted) {
+            (Some(e), true) => e,
+            (Some(e), false) => format!("{}/{bucket}", e.trim_end_matches('/')),
+            (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .ok()?;
+        Some(S3Uploads { store, bucket_endpoint, region, client })
+    }
+
+    /// (key, upload id) of every open upload whose key starts with `prefix`, all pages.
+    async fn list(&self, prefix: &str) -> std::result::Result<Vec<(String, String)>, String> {
+        let credential = self.store.credentials().get_credential().await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        loop {
+            let mut url = url::Url::parse(&self.bucket_endpoint).map_err(|e| format!("{}: {e}", self.bucket_endpoint))?;
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("uploads", "").append_pair("prefix", prefix);
+                if let Some((key, id)) = &markers {
+                    q.append_pair("key-marker", key).append_pair("upload-id-marker", id);
+                }
+            }
+            let mut req = object_store::client::HttpRequest::new(object_store::client::HttpRequestBody::empty());
+            *req.uri_mut() = url.as_str().parse().map_err(|e| format!("{url}: {e}"))?;
+            object_store::aws::AwsAuthorizer::new(&credential, "s3", &self.region).authorize(&mut req, None);
+            let resp = self.client.get(url.clone()).headers(req.headers().clone()).send().await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = resp.text().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(format!("{status}: {}", body.trim()));
+            }
+            let page: ListMultipartUploadsResult = quick_xml::de::from_str(&body).map_err(|e| format!("an answer that is not ListMultipartUploadsResult XML: {e}"))?;
+            out.extend(page.upload.into_iter().map(|u| (u.key, u.upload_id)));
+            match (page.is_truncated, page.next_key_marker, page.next_upload_id_marker) {
+                (true, Some(k), Some(u)) if markers.as_ref() != Some(&(k.clone(), u.clone())) => markers = Some((k, u)),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +422,22 @@ mod tests {
         r.delete("00003.done").await.unwrap();
         r.delete("00003.done").await.unwrap();
         assert!(r.completed().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn list_multipart_uploads_answer_parses_with_entities_and_paging() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>data</Bucket><KeyMarker/><UploadIdMarker/>
+<NextKeyMarker>run/00001.parquet</NextKeyMarker><NextUploadIdMarker>b2</NextUploadIdMarker><MaxUploads>2</MaxUploads><IsTruncated>true</IsTruncated>
+<Upload><Key>run/00000.parquet</Key><UploadId>a1</UploadId><Initiated>2010-11-10T20:48:33.000Z</Initiated></Upload>
+<Upload><Key>r&amp;d/00001.parquet</Key><UploadId>b2</UploadId></Upload></ListMultipartUploadsResult>"#;
+        let page: ListMultipartUploadsResult = quick_xml::de::from_str(xml).unwrap();
+        let got: Vec<(String, String)> = page.upload.into_iter().map(|u| (u.key, u.upload_id)).collect();
+        assert_eq!(got, vec![("run/00000.parquet".into(), "a1".into()), ("r&d/00001.parquet".into(), "b2".into())]);
+        assert!(page.is_truncated);
+        assert_eq!(page.next_key_marker.as_deref(), Some("run/00001.parquet"));
+        let empty: ListMultipartUploadsResult =
+            quick_xml::de::from_str("<ListMultipartUploadsResult><Bucket>data</Bucket><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>").unwrap();
+        assert!(empty.upload.is_empty() && !empty.is_truncated);
     }
 }

@@ -291,6 +291,96 @@ async fn runs_killed_mid_upload_resume_to_every_row_once() {
     assert!(!uploads.contains("<UploadId>"), "no multipart upload left open: {uploads}");
 }
 
+/// A kill can land after the store opened a multipart upload and before recap recorded its id.
+/// A rerun finds such uploads by asking the store (ListMultipartUploads, signed: this moto checks
+/// every signature against an IAM key) and aborts those of its own shards only: another worker's
+/// upload, possibly in flight, and objects that are not shards stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrecorded_uploads_are_aborted_for_the_workers_own_shards_only() {
+    let w = world(20, 0, "", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
+    let input = w.urls.display().to_string();
+    let (m, key, secret) = tokio::task::spawn_blocking(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // Three unsigned calls make the IAM user, its key and its policy; everything after is checked.
+        let child = Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // boto3 (moto's own dependency) opens the uploads as a killed run would leave them: no record.
+        let script = r#"
+import boto3, json, sys
+e = sys.argv[1]
+iam = boto3.client("iam", endpoint_url=e, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+iam.create_user(UserName="recap")
+k = iam.create_access_key(UserName="recap")["AccessKey"]
+iam.put_user_policy(UserName="recap", PolicyName="s3", PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+s3 = boto3.client("s3", endpoint_url=e, region_name="us-east-1", aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"])
+s3.create_bucket(Bucket="data")
+for key in ["out/00000.parquet", "out/00001.parquet", "out/notes.parquet", "elsewhere/00000.parquet"]:
+    s3.create_multipart_upload(Bucket="data", Key=key)
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#;
+        let python = moto_server().with_file_name("python");
+        let out = Command::new(python).args(["-c", script, &m.endpoint]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (key, secret) = text.trim().split_once(' ').unwrap();
+        (m, key.to_string(), secret.to_string())
+    })
+    .await
+    .unwrap();
+    let yaml = storage_yaml(&m, &key, "16MB").replace("aws_secret_access_key: secret", &format!("aws_secret_access_key: \"{secret}\""));
+    let p = write_pipeline(&tmp_path, &input, "s3://data/out", 10, 4, &yaml);
+    let mut st = storage(&m, &key);
+    st.options.insert("aws_secret_access_key".into(), secret.clone());
+    let out = Remote::open("s3://data/out", &st).unwrap();
+    let open = |o: &Remote| {
+        let o = o.clone();
+        blocking(async move { o.open_uploads().await.unwrap().into_iter().map(|(n, _)| n).collect::<BTreeSet<String>>() })
+    };
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+    let (o, sp, p2) = (out.clone(), staging_path.clone(), p.clone());
+    let (before, run0, after0) = tokio::task::spawn_blocking(move || {
+        let before = open(&o);
+        let run0 = recap(&["run", p2.to_str().unwrap(), "--no-progress", "--worker", "0/2"], &sp);
+        (before, run0, open(&o))
+    })
+    .await
+    .unwrap();
+    assert_eq!(before, names(&["00000.parquet", "00001.parquet", "notes.parquet"]), "listed under the prefix only");
+    let err0 = String::from_utf8_lossy(&run0.stderr).to_string();
+    assert!(run0.status.success(), "{err0}");
+    assert!(err0.contains("aborted a multipart upload") && err0.contains("00000.parquet"), "{err0}");
+    assert_eq!(after0, names(&["00001.parquet", "notes.parquet"]), "worker 0 leaves worker 1's shard and the non-shard alone");
+    let (o, sp, p2) = (out.clone(), staging_path.clone(), p.clone());
+    let (run1, after1, done) = tokio::task::spawn_blocking(move || {
+        let run1 = recap(&["run", p2.to_str().unwrap(), "--no-progress", "--worker", "1/2"], &sp);
+        let after1 = open(&o);
+        let done = committed_ids(&o);
+        (run1, after1, done)
+    })
+    .await
+    .unwrap();
+    assert!(run1.status.success(), "{}", String::from_utf8_lossy(&run1.stderr));
+    assert_eq!(after1, names(&["notes.parquet"]));
+    let (shards, mut ids) = done;
+    ids.sort();
+    assert_eq!(shards, BTreeSet::from([0, 1]));
+    assert_eq!(ids, (0..20).collect::<Vec<u64>>());
+    drop(m);
+}
+
 /// A credential the server does not know is a clear error, not a hang or a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_credential_is_a_clear_error() {

@@ -205,7 +205,9 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let stages = Stages::load(cfg, &plan.file)?.map(Arc::new);
     let sql_filter = sql_filter(plan, stages.as_deref())?;
     let extra = stages.as_ref().map(|s| s.metadata()).unwrap_or_default();
-    let writer = Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version, extra)?);
+    let worker = opts.worker;
+    let writer =
+        Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version, extra, move |s| worker.owns(s))?);
     let fetcher = Fetcher::new(&cfg.download).map_err(Error::Internal)?;
     let threads = match cfg.engine.cpu_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -239,7 +241,6 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     );
 
     // Decide which shards to run before counting the work for the progress bar.
-    let worker = opts.worker;
     let mut mine_rows = 0u64;
     for s in 0..shards_total {
         if worker.owns(s) && (!writer.is_complete(s) || opts.retry_failed) {

@@ -419,13 +419,24 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub fn new(cfg: &OutputConfig, config_hash: &str, config_json: &str, schema_version: u32, extra: Vec<(String, String)>) -> Result<Self> {
+    /// `owns` says which shards this process runs (`--worker I/N`): a killed run's open uploads
+    /// are aborted only for those, never for a shard another worker may be uploading now.
+    pub fn new(
+        cfg: &OutputConfig,
+        config_hash: &str,
+        config_json: &str,
+        schema_version: u32,
+        extra: Vec<(String, String)>,
+        owns: impl Fn(u64) -> bool + Send + Sync,
+    ) -> Result<Self> {
         let (dir, remote, remote_done) = if crate::storage::is_url(&cfg.path) {
             let remote = crate::storage::Remote::open(&cfg.path, &cfg.storage)?;
             // A killed run may have left multipart uploads open: abort them before anything else.
             let r = remote.clone();
             let (aborted, done) = crate::storage::blocking(async move {
-                let aborted = r.abort_interrupted().await?;
+                // Shard objects are named NNNNN.<ext>; anything else under the prefix is not ours.
+                let mine = |name: &str| name.split('.').next().and_then(|i| i.parse::<u64>().ok()).is_some_and(&owns);
+                let aborted = r.abort_interrupted(&mine).await?;
                 Ok::<_, Error>((aborted, r.completed().await?))
             })?;
             for a in aborted {
