@@ -51,7 +51,9 @@ impl std::fmt::Debug for Remote {
 
 fn store_error(what: &str, url: &str, e: impl std::fmt::Display) -> Error {
     let text = e.to_string();
-    let hint = if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") || text.contains("AccessDenied") {
+    let hint = if text.contains("AccessDenied") && !text.contains("InvalidAccessKeyId") && !text.contains("SignatureDoesNotMatch") {
+        " (access denied: the key's policy does not allow this request; check its IAM permissions, or AWS_ACCESS_KEY_ID if it is the wrong key)"
+    } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") {
         " (the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.options)"
     } else if text.contains("NoSuchBucket") {
         " (no such bucket)"
@@ -211,13 +213,22 @@ impl Remote {
             self.store.delete(&record).await.map_err(|e| store_error("cannot delete", &format!("{}/{name}", self.url), e))?;
             aborted.insert(target.to_string());
         }
-        for (name, id) in self.open_uploads().await? {
-            if mine(&name) {
-                mp.abort_multipart(&self.child(&name), &id)
-                    .await
-                    .map_err(|e| store_error("cannot abort the open upload of", &format!("{}/{name}", self.url), e))?;
-                aborted.insert(name);
+        // The listing is a safety net: a key allowed to write but not to list or abort uploads
+        // (s3:ListBucketMultipartUploads, s3:AbortMultipartUpload) still runs, with a warning.
+        match self.open_uploads().await {
+            Ok(open) => {
+                for (name, id) in open.into_iter().filter(|(n, _)| mine(n)) {
+                    match mp.abort_multipart(&self.child(&name), &id).await {
+                        Ok(()) => {
+                            aborted.insert(name);
+                        }
+                        Err(e) => tracing::warn!(object = %name, "{}", store_error("cannot abort the open upload of", &format!("{}/{name}", self.url), e)),
+                    }
+                }
             }
+            Err(e) => tracing::warn!(
+                "{e}; uploads a killed run opened and did not record stay open (a bucket lifecycle rule that aborts incomplete uploads cleans them)"
+            ),
         }
         Ok(aborted.into_iter().collect())
     }
@@ -330,6 +341,14 @@ struct ListMultipartUploadsResult {
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
+struct S3ErrorBody {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct OpenUpload {
     key: String,
     upload_id: String,
@@ -383,7 +402,9 @@ impl S3Uploads {
             let status = resp.status();
             let body = resp.text().await.map_err(|e| e.to_string())?;
             if !status.is_success() {
-                return Err(format!("{status}: {}", body.trim()));
+                // S3's error body: <Error><Code>AccessDenied</Code><Message>...</Message>...</Error>.
+                let why = quick_xml::de::from_str::<S3ErrorBody>(&body).map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_else(|_| body.trim().to_string());
+                return Err(format!("{status}: {why}"));
             }
             let page: ListMultipartUploadsResult = quick_xml::de::from_str(&body).map_err(|e| format!("an answer that is not ListMultipartUploadsResult XML: {e}"))?;
             out.extend(page.upload.into_iter().map(|u| (u.key, u.upload_id)));

@@ -291,6 +291,54 @@ async fn runs_killed_mid_upload_resume_to_every_row_once() {
     assert!(!uploads.contains("<UploadId>"), "no multipart upload left open: {uploads}");
 }
 
+/// A moto S3 server that checks every request's signature against an IAM key it made (three
+/// unsigned calls make the user, its key and a policy allowing s3:* but the `deny` actions), with
+/// bucket `data` and multipart uploads opened with no record, as a kill leaves them, for
+/// `out/00000.parquet`, `out/00001.parquet`, `out/notes.parquet` and `elsewhere/00000.parquet`.
+/// Returns the server, the key id and its secret.
+fn signed_moto(deny: &[&str]) -> (Moto, String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(moto_server())
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // boto3 comes with moto.
+    let script = r#"
+import boto3, json, sys
+e, deny = sys.argv[1], [a for a in sys.argv[2].split(",") if a]
+iam = boto3.client("iam", endpoint_url=e, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+iam.create_user(UserName="recap")
+k = iam.create_access_key(UserName="recap")["AccessKey"]
+statements = [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}] + ([{"Effect": "Deny", "Action": deny, "Resource": "*"}] if deny else [])
+iam.put_user_policy(UserName="recap", PolicyName="s3", PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}))
+s3 = boto3.client("s3", endpoint_url=e, region_name="us-east-1", aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"])
+s3.create_bucket(Bucket="data")
+for key in ["out/00000.parquet", "out/00001.parquet", "out/notes.parquet", "elsewhere/00000.parquet"]:
+    s3.create_multipart_upload(Bucket="data", Key=key)
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#;
+    let python = moto_server().with_file_name("python");
+    let out = Command::new(python).args(["-c", script, &m.endpoint, &deny.join(",")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (key, secret) = text.trim().split_once(' ').unwrap();
+    (m, key.to_string(), secret.to_string())
+}
+
+/// The pipeline's storage block for a signed_moto key.
+fn signed_yaml(m: &Moto, key: &str, secret: &str) -> String {
+    storage_yaml(m, key, "16MB").replace("aws_secret_access_key: secret", &format!("aws_secret_access_key: \"{secret}\""))
+}
+
 /// A kill can land after the store opened a multipart upload and before recap recorded its id.
 /// A rerun finds such uploads by asking the store (ListMultipartUploads, signed: this moto checks
 /// every signature against an IAM key) and aborts those of its own shards only: another worker's
@@ -301,47 +349,8 @@ async fn unrecorded_uploads_are_aborted_for_the_workers_own_shards_only() {
     let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
     let input = w.urls.display().to_string();
-    let (m, key, secret) = tokio::task::spawn_blocking(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        // Three unsigned calls make the IAM user, its key and its policy; everything after is checked.
-        let child = Command::new(moto_server())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let m = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // boto3 (moto's own dependency) opens the uploads as a killed run would leave them: no record.
-        let script = r#"
-import boto3, json, sys
-e = sys.argv[1]
-iam = boto3.client("iam", endpoint_url=e, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
-iam.create_user(UserName="recap")
-k = iam.create_access_key(UserName="recap")["AccessKey"]
-iam.put_user_policy(UserName="recap", PolicyName="s3", PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-s3 = boto3.client("s3", endpoint_url=e, region_name="us-east-1", aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"])
-s3.create_bucket(Bucket="data")
-for key in ["out/00000.parquet", "out/00001.parquet", "out/notes.parquet", "elsewhere/00000.parquet"]:
-    s3.create_multipart_upload(Bucket="data", Key=key)
-print(k["AccessKeyId"], k["SecretAccessKey"])
-"#;
-        let python = moto_server().with_file_name("python");
-        let out = Command::new(python).args(["-c", script, &m.endpoint]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        let (key, secret) = text.trim().split_once(' ').unwrap();
-        (m, key.to_string(), secret.to_string())
-    })
-    .await
-    .unwrap();
-    let yaml = storage_yaml(&m, &key, "16MB").replace("aws_secret_access_key: secret", &format!("aws_secret_access_key: \"{secret}\""));
-    let p = write_pipeline(&tmp_path, &input, "s3://data/out", 10, 4, &yaml);
+    let (m, key, secret) = tokio::task::spawn_blocking(|| signed_moto(&[])).await.unwrap();
+    let p = write_pipeline(&tmp_path, &input, "s3://data/out", 10, 4, &signed_yaml(&m, &key, &secret));
     let mut st = storage(&m, &key);
     st.options.insert("aws_secret_access_key".into(), secret.clone());
     let out = Remote::open("s3://data/out", &st).unwrap();
@@ -378,6 +387,37 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     ids.sort();
     assert_eq!(shards, BTreeSet::from([0, 1]));
     assert_eq!(ids, (0..20).collect::<Vec<u64>>());
+    drop(m);
+}
+
+/// The listing is a safety net: a key that may write shards but not list open uploads
+/// (s3:ListBucketMultipartUploads denied) still runs, and says what it could not clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_cannot_list_uploads_runs_with_a_warning() {
+    let w = world(20, 0, "", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
+    let input = w.urls.display().to_string();
+    let (m, key, secret) = tokio::task::spawn_blocking(|| signed_moto(&["s3:ListBucketMultipartUploads"])).await.unwrap();
+    let p = write_pipeline(&tmp_path, &input, "s3://data/out", 10, 4, &signed_yaml(&m, &key, &secret));
+    let mut st = storage(&m, &key);
+    st.options.insert("aws_secret_access_key".into(), secret.clone());
+    let out = Remote::open("s3://data/out", &st).unwrap();
+    let (run, listed, done) = tokio::task::spawn_blocking(move || {
+        let run = recap(&["run", p.to_str().unwrap(), "--no-progress"], &staging_path);
+        let o = out.clone();
+        let listed = blocking(async move { o.open_uploads().await.map(|_| ()).map_err(|e| e.to_string()) });
+        (run, listed, committed_ids(&out))
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr).to_string();
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("cannot list the open multipart uploads of s3://data/out") && err.contains("AccessDenied"), "{err}");
+    assert!(err.contains("the key's policy does not allow this request") && err.contains("stay open"), "{err}");
+    assert!(listed.unwrap_err().contains("AccessDenied"), "the store refuses this key the listing");
+    assert_eq!(done.0, BTreeSet::from([0, 1]));
+    assert_eq!(done.1.len(), 20);
     drop(m);
 }
 
