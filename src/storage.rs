@@ -325,7 +325,6 @@ struct S3Uploads {
     store: Arc<object_store::aws::AmazonS3>,
     bucket_endpoint: String,
     region: String,
-    client: reqwest::Client,
 }
 
 #[derive(serde::Deserialize)]
@@ -373,17 +372,18 @@ impl S3Uploads {
             (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
             (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
         };
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(30))
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .ok()?;
-        Some(S3Uploads { store, bucket_endpoint, region, client })
+        Some(S3Uploads { store, bucket_endpoint, region })
     }
 
     /// (key, upload id) of every open upload whose key starts with `prefix`, all pages.
     async fn list(&self, prefix: &str) -> std::result::Result<Vec<(String, String)>, String> {
         let credential = self.store.credentials().get_credential().await.map_err(|e| e.to_string())?;
+        // Built here, not when the store is opened: only a run's start-up lists, readers never do.
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let mut out = Vec::new();
         let mut markers: Option<(String, String)> = None;
         loop {
@@ -398,7 +398,7 @@ impl S3Uploads {
             let mut req = object_store::client::HttpRequest::new(object_store::client::HttpRequestBody::empty());
             *req.uri_mut() = url.as_str().parse().map_err(|e| format!("{url}: {e}"))?;
             object_store::aws::AwsAuthorizer::new(&credential, "s3", &self.region).authorize(&mut req, None);
-            let resp = self.client.get(url.clone()).headers(req.headers().clone()).send().await.map_err(|e| e.to_string())?;
+            let resp = client.get(url.clone()).headers(req.headers().clone()).send().await.map_err(|e| e.to_string())?;
             let status = resp.status();
             let body = resp.text().await.map_err(|e| e.to_string())?;
             if !status.is_success() {
@@ -416,7 +416,6 @@ impl S3Uploads {
         Ok(out)
     }
 }
-
 
 #[cfg(test)]
 mod tests {

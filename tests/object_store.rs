@@ -33,13 +33,14 @@ fn moto_server() -> PathBuf {
     bin
 }
 
-/// A moto S3 server on a free port; `auth`: check credentials (moto's IAM), refusing unknown keys.
-fn start_moto(auth: bool) -> Moto {
+/// A moto S3 server on a free port. `unsigned_calls`: None accepts any key; Some(n) checks
+/// credentials, signatures and IAM policies (moto's IAM) after the first n calls.
+fn start_moto(unsigned_calls: Option<u32>) -> Moto {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut cmd = Command::new(moto_server());
     cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
-    if auth {
-        cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+    if let Some(n) = unsigned_calls {
+        cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
     }
     let child = cmd.spawn().expect("moto_server starts");
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -133,7 +134,7 @@ async fn a_run_reads_and_writes_s3_and_resumes() {
     let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
     let urls = w.urls.clone();
     let (m, out) = tokio::task::spawn_blocking(move || {
-        let m = start_moto(false);
+        let m = start_moto(None);
         create_bucket(&m, "data");
         let lists = Remote::open("s3://data/lists", &storage(&m, "test")).unwrap();
         blocking(async move { lists.upload_file(&urls, "urls.parquet").await.unwrap() });
@@ -234,7 +235,7 @@ async fn runs_killed_mid_upload_resume_to_every_row_once() {
     let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
     let urls = w.urls.clone();
     let m = tokio::task::spawn_blocking(move || {
-        let m = start_moto(false);
+        let m = start_moto(None);
         create_bucket(&m, "data");
         let lists = Remote::open("s3://data/lists", &storage(&m, "test")).unwrap();
         blocking(async move { lists.upload_file(&urls, "urls.parquet").await.unwrap() });
@@ -297,20 +298,7 @@ async fn runs_killed_mid_upload_resume_to_every_row_once() {
 /// `out/00000.parquet`, `out/00001.parquet`, `out/notes.parquet` and `elsewhere/00000.parquet`.
 /// Returns the server, the key id and its secret.
 fn signed_moto(deny: &[&str]) -> (Moto, String, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(moto_server())
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let m = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let m = start_moto(Some(3));
     // boto3 comes with moto.
     let script = r#"
 import boto3, json, sys
@@ -334,9 +322,27 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     (m, key.to_string(), secret.to_string())
 }
 
-/// The pipeline's storage block for a signed_moto key.
-fn signed_yaml(m: &Moto, key: &str, secret: &str) -> String {
-    storage_yaml(m, key, "16MB").replace("aws_secret_access_key: secret", &format!("aws_secret_access_key: \"{secret}\""))
+/// A 20-row world in, `s3://data/out` out (shards of 10 rows) on a signed_moto denying `deny`:
+/// the pipeline, and the output opened with the same key.
+struct SignedRun {
+    _world: World,
+    _tmp: tempfile::TempDir,
+    staging: tempfile::TempDir,
+    _moto: Moto,
+    pipeline: PathBuf,
+    out: Remote,
+}
+
+async fn signed_run(deny: &'static [&'static str]) -> SignedRun {
+    let w = world(20, 0, "", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (moto, key, secret) = tokio::task::spawn_blocking(move || signed_moto(deny)).await.unwrap();
+    let yaml = storage_yaml(&moto, &key, "16MB").replace("aws_secret_access_key: secret", &format!("aws_secret_access_key: \"{secret}\""));
+    let pipeline = write_pipeline(tmp.path(), &w.urls.display().to_string(), "s3://data/out", 10, 4, &yaml);
+    let mut st = storage(&moto, &key);
+    st.options.insert("aws_secret_access_key".into(), secret);
+    let out = Remote::open("s3://data/out", &st).unwrap();
+    SignedRun { _world: w, _tmp: tmp, staging, _moto: moto, pipeline, out }
 }
 
 /// A kill can land after the store opened a multipart upload and before recap recorded its id.
@@ -345,15 +351,8 @@ fn signed_yaml(m: &Moto, key: &str, secret: &str) -> String {
 /// upload, possibly in flight, and objects that are not shards stay open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrecorded_uploads_are_aborted_for_the_workers_own_shards_only() {
-    let w = world(20, 0, "", ServeOptions::default()).await;
-    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
-    let input = w.urls.display().to_string();
-    let (m, key, secret) = tokio::task::spawn_blocking(|| signed_moto(&[])).await.unwrap();
-    let p = write_pipeline(&tmp_path, &input, "s3://data/out", 10, 4, &signed_yaml(&m, &key, &secret));
-    let mut st = storage(&m, &key);
-    st.options.insert("aws_secret_access_key".into(), secret.clone());
-    let out = Remote::open("s3://data/out", &st).unwrap();
+    let r = signed_run(&[]).await;
+    let (out, p, staging_path) = (r.out.clone(), r.pipeline.clone(), r.staging.path().to_path_buf());
     let open = |o: &Remote| {
         let o = o.clone();
         blocking(async move { o.open_uploads().await.unwrap().into_iter().map(|(n, _)| n).collect::<BTreeSet<String>>() })
@@ -387,22 +386,15 @@ async fn unrecorded_uploads_are_aborted_for_the_workers_own_shards_only() {
     ids.sort();
     assert_eq!(shards, BTreeSet::from([0, 1]));
     assert_eq!(ids, (0..20).collect::<Vec<u64>>());
-    drop(m);
+    drop(r);
 }
 
 /// The listing is a safety net: a key that may write shards but not list open uploads
 /// (s3:ListBucketMultipartUploads denied) still runs, and says what it could not clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_that_cannot_list_uploads_runs_with_a_warning() {
-    let w = world(20, 0, "", ServeOptions::default()).await;
-    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (tmp_path, staging_path) = (tmp.path().to_path_buf(), staging.path().to_path_buf());
-    let input = w.urls.display().to_string();
-    let (m, key, secret) = tokio::task::spawn_blocking(|| signed_moto(&["s3:ListBucketMultipartUploads"])).await.unwrap();
-    let p = write_pipeline(&tmp_path, &input, "s3://data/out", 10, 4, &signed_yaml(&m, &key, &secret));
-    let mut st = storage(&m, &key);
-    st.options.insert("aws_secret_access_key".into(), secret.clone());
-    let out = Remote::open("s3://data/out", &st).unwrap();
+    let r = signed_run(&["s3:ListBucketMultipartUploads"]).await;
+    let (out, p, staging_path) = (r.out.clone(), r.pipeline.clone(), r.staging.path().to_path_buf());
     let (run, listed, done) = tokio::task::spawn_blocking(move || {
         let run = recap(&["run", p.to_str().unwrap(), "--no-progress"], &staging_path);
         let o = out.clone();
@@ -418,7 +410,7 @@ async fn a_key_that_cannot_list_uploads_runs_with_a_warning() {
     assert!(listed.unwrap_err().contains("AccessDenied"), "the store refuses this key the listing");
     assert_eq!(done.0, BTreeSet::from([0, 1]));
     assert_eq!(done.1.len(), 20);
-    drop(m);
+    drop(r);
 }
 
 /// A credential the server does not know is a clear error, not a hang or a panic.
@@ -427,7 +419,7 @@ async fn a_wrong_credential_is_a_clear_error() {
     let w = world(10, 0, "", ServeOptions::default()).await;
     let tmp = tempfile::tempdir().unwrap();
     let tmp_path = tmp.path().to_path_buf();
-    let m = tokio::task::spawn_blocking(|| start_moto(true)).await.unwrap();
+    let m = tokio::task::spawn_blocking(|| start_moto(Some(0))).await.unwrap();
     let p = write_pipeline(&tmp_path, &w.urls.display().to_string(), "s3://data/run", 10, 16, &storage_yaml(&m, "AKIAWRONGKEY", "16MB"));
     let out = tokio::task::spawn_blocking(move || recap(&["run", p.to_str().unwrap(), "--no-progress"], &tmp_path)).await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -440,7 +432,7 @@ async fn a_wrong_credential_is_a_clear_error() {
 /// uploaded with their markers, train a tiny student for two steps.
 #[test]
 fn training_reads_shards_from_s3() {
-    let m = start_moto(false);
+    let m = start_moto(None);
     create_bucket(&m, "data");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let remote = Remote::open("s3://data/reinforced", &storage(&m, "test")).unwrap();
