@@ -49,18 +49,96 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// Send a write again when its connection broke before an answer came: a server closing a pooled
+/// keep-alive connection just as it is reused (Node's 5 s idle timeout, as in Azurite; nginx's
+/// 75 s) is the usual cause. object_store resends only the requests it knows are idempotent (GET,
+/// HEAD); recap's writes are idempotent too (the same bytes to the same name, a part by its number,
+/// a delete), so they are resent here, up to 3 more times.
+async fn resend<T, Fut>(what: &str, mut send: impl FnMut() -> Fut) -> object_store::Result<T>
+where
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut attempt = 1u32;
+    loop {
+        match send().await {
+            Err(e) if attempt < 4 && broken_connection(&e) => {
+                tracing::debug!(object = what, attempt, "the connection broke before the store answered; sending again: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Did this request fail on its connection (closed, reset, cut) rather than with an answer?
+fn broken_connection(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<HttpError>() {
+            return matches!(h.kind(), HttpErrorKind::Interrupted | HttpErrorKind::Unknown);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// `WHAT URL: the store's error`, its XML error body (S3, GCS, Azure) shortened to `Code:
+/// Message`, and for the errors a user fixes in their set-up, what to check, in the store's terms.
 fn store_error(what: &str, url: &str, e: impl std::fmt::Display) -> Error {
-    let text = e.to_string();
-    let hint = if text.contains("AccessDenied") && !text.contains("InvalidAccessKeyId") && !text.contains("SignatureDoesNotMatch") {
-        " (access denied: the key's policy does not allow this request; check its IAM permissions, or AWS_ACCESS_KEY_ID if it is the wrong key)"
-    } else if text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") || text.contains("403") {
-        " (the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.options)"
-    } else if text.contains("NoSuchBucket") {
-        " (no such bucket)"
-    } else {
-        ""
+    let text = tidy_error_body(&e.to_string());
+    let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
+    let refused = has(&["403 Forbidden", "401 Unauthorized"]);
+    let hint = match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("az" | "abfs" | "abfss" | "azure") => {
+            if has(&["AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch"]) {
+                " (access denied: the identity's role does not allow this request; check its role assignment on the container)"
+            } else if refused || has(&["AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo"]) {
+                " (the credentials were refused: check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY, AZURE_STORAGE_TOKEN) or storage.options)"
+            } else if has(&["ContainerNotFound"]) {
+                " (no such container)"
+            } else {
+                ""
+            }
+        }
+        Some("gs") => {
+            if refused || has(&["AccessDenied"]) {
+                " (the credentials were refused or lack a permission: check GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS or storage.options, and the account's roles on the bucket)"
+            } else if has(&["NoSuchBucket"]) {
+                " (no such bucket)"
+            } else {
+                ""
+            }
+        }
+        _ => {
+            if has(&["AccessDenied"]) && !has(&["InvalidAccessKeyId", "SignatureDoesNotMatch"]) {
+                " (access denied: the key's policy does not allow this request; check its IAM permissions, or AWS_ACCESS_KEY_ID if it is the wrong key)"
+            } else if refused || has(&["InvalidAccessKeyId", "SignatureDoesNotMatch"]) {
+                " (the credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.options)"
+            } else if has(&["NoSuchBucket"]) {
+                " (no such bucket)"
+            } else {
+                ""
+            }
+        }
     };
     Error::Usage(format!("{what} {url}: {text}{hint}"))
+}
+
+/// An error text with the store's XML error body in it (`<?xml ...?><Error><Code>X</Code>
+/// <Message>Y ...</Message>...</Error>`, as S3, GCS's XML API and Azure answer) with that body
+/// replaced by `X: Y` (the message's first line: Azure adds request id and time on later ones).
+fn tidy_error_body(text: &str) -> String {
+    let Some(start) = text.find("<?xml").or_else(|| text.find("<Error>")) else { return text.to_string() };
+    let Some(end) = text[start..].find("</Error>").map(|i| start + i + "</Error>".len()) else { return text.to_string() };
+    match quick_xml::de::from_str::<ErrorBody>(&text[start..end]) {
+        Ok(body) => {
+            let message = body.message.lines().next().unwrap_or("").trim();
+            format!("{}{}: {}{}", &text[..start], body.code, message, &text[end..])
+        }
+        Err(_) => text.to_string(),
+    }
 }
 
 impl Remote {
@@ -173,21 +251,36 @@ impl Remote {
         match &self.multipart {
             Some(mp) if data.len() > self.threshold => {
                 let record = self.child(&format!(".{name}.upload"));
-                let id = mp.create_multipart(&to).await.map_err(|e| store_error("cannot start a multipart upload to", &url, e))?;
-                self.store.put(&record, PutPayload::from(id.clone().into_bytes())).await.map_err(|e| store_error("cannot write", &url, e))?;
+                // A second upload opened by a resent request whose first try the store did get is
+                // under this shard's name: the next run lists and aborts it.
+                let id = resend(&url, || mp.create_multipart(&to)).await.map_err(|e| store_error("cannot start a multipart upload to", &url, e))?;
+                let record_bytes = PutPayload::from(id.clone().into_bytes());
+                resend(&url, || self.store.put(&record, record_bytes.clone())).await.map_err(|e| store_error("cannot write", &url, e))?;
                 let mut parts: Vec<PartId> = Vec::new();
                 for (i, chunk) in data.chunks(self.part).enumerate() {
-                    let part = mp
-                        .put_part(&to, &id, i, PutPayload::from(bytes::Bytes::copy_from_slice(chunk)))
-                        .await
-                        .map_err(|e| store_error("cannot upload a part of", &url, e))?;
+                    let payload = PutPayload::from(bytes::Bytes::copy_from_slice(chunk));
+                    let part = resend(&url, || mp.put_part(&to, &id, i, payload.clone())).await.map_err(|e| store_error("cannot upload a part of", &url, e))?;
                     parts.push(part);
                 }
-                mp.complete_multipart(&to, &id, parts).await.map_err(|e| store_error("cannot complete the upload of", &url, e))?;
+                let mut tries = 0;
+                let completed = resend(&url, || {
+                    tries += 1;
+                    mp.complete_multipart(&to, &id, parts.clone())
+                })
+                .await;
+                match completed {
+                    Ok(_) => {}
+                    // A resent completion the store had already done: the upload is gone and
+                    // the object is there, whole.
+                    Err(object_store::Error::NotFound { .. })
+                        if tries > 1 && self.store.head(&to).await.is_ok_and(|m| m.size == data.len() as u64) => {}
+                    Err(e) => return Err(store_error("cannot complete the upload of", &url, e)),
+                }
                 let _ = self.store.delete(&record).await;
             }
             _ => {
-                self.store.put(&to, PutPayload::from(data)).await.map_err(|e| store_error("cannot write", &url, e))?;
+                let payload = PutPayload::from(data);
+                resend(&url, || self.store.put(&to, payload.clone())).await.map_err(|e| store_error("cannot write", &url, e))?;
             }
         }
         Ok(())
@@ -210,7 +303,7 @@ impl Remote {
             let id = String::from_utf8_lossy(&self.get(&record).await?).to_string();
             // An upload the store already forgot (completed or expired) is not an error here.
             let _ = mp.abort_multipart(&self.child(target), &id).await;
-            self.store.delete(&record).await.map_err(|e| store_error("cannot delete", &format!("{}/{name}", self.url), e))?;
+            resend(&name, || self.store.delete(&record)).await.map_err(|e| store_error("cannot delete", &format!("{}/{name}", self.url), e))?;
             aborted.insert(target.to_string());
         }
         // The listing is a safety net: a key allowed to write but not to list or abort uploads
@@ -246,7 +339,8 @@ impl Remote {
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {
-        match self.store.delete(&self.child(name)).await {
+        let path = self.child(name);
+        match resend(name, || self.store.delete(&path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error("cannot delete", &format!("{}/{name}", self.url), e)),
         }
@@ -340,7 +434,7 @@ struct ListMultipartUploadsResult {
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct S3ErrorBody {
+struct ErrorBody {
     code: String,
     #[serde(default)]
     message: String,
@@ -402,9 +496,7 @@ impl S3Uploads {
             let status = resp.status();
             let body = resp.text().await.map_err(|e| e.to_string())?;
             if !status.is_success() {
-                // S3's error body: <Error><Code>AccessDenied</Code><Message>...</Message>...</Error>.
-                let why = quick_xml::de::from_str::<S3ErrorBody>(&body).map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_else(|_| body.trim().to_string());
-                return Err(format!("{status}: {why}"));
+                return Err(format!("{status}: {}", tidy_error_body(body.trim())));
             }
             let page: ListMultipartUploadsResult = quick_xml::de::from_str(&body).map_err(|e| format!("an answer that is not ListMultipartUploadsResult XML: {e}"))?;
             out.extend(page.upload.into_iter().map(|u| (u.key, u.upload_id)));
@@ -459,5 +551,24 @@ mod tests {
         let empty: ListMultipartUploadsResult =
             quick_xml::de::from_str("<ListMultipartUploadsResult><Bucket>data</Bucket><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>").unwrap();
         assert!(empty.upload.is_empty() && !empty.is_truncated);
+    }
+
+    #[test]
+    fn store_errors_show_code_and_message_and_hint_in_the_stores_terms() {
+        // As object_store prints Azure's answer to a request signed with the wrong key (Azurite's
+        // body; Azure's code is AuthenticationFailed).
+        let azure = "Error performing list request: Error performing GET http://127.0.0.1:10000/devstoreaccount1/data?restype=container&comp=list in 13ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\n<Error>\n  <Code>AuthorizationFailure</Code>\n  <Message>Server failed to authenticate the request.\nRequestId:c503fb96-11ff-4102-9627-766f7326ba1c\nTime:2026-12-07T21:41:43.222Z</Message>\n</Error>";
+        let e = store_error("cannot list", "az://data/out", azure).to_string();
+        assert!(e.ends_with("403 Forbidden: AuthorizationFailure: Server failed to authenticate the request. (the credentials were refused: check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY, AZURE_STORAGE_TOKEN) or storage.options)"), "{e}");
+        assert!(!e.contains("RequestId") && !e.contains("AWS_"), "{e}");
+        let missing = "404 Not Found: <?xml version=\"1.0\"?><Error><Code>ContainerNotFound</Code><Message>The specified container does not exist.</Message></Error>";
+        assert!(store_error("cannot list", "az://nosuch/out", missing).to_string().ends_with("ContainerNotFound: The specified container does not exist. (no such container)"));
+        let s3 = "403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match.</Message><RequestId>1</RequestId></Error>";
+        let e = store_error("cannot write", "s3://data/run/x", s3).to_string();
+        assert!(e.contains("SignatureDoesNotMatch: The request signature we calculated does not match. (the credentials were refused: check AWS_ACCESS_KEY_ID"), "{e}");
+        let gcs = "Server returned non-2xx status code: 401 Unauthorized: {\"error\": {\"code\": 401}}";
+        assert!(store_error("cannot list", "gs://b/p", gcs).to_string().contains("check GOOGLE_SERVICE_ACCOUNT"));
+        // Text that only looks like a body is left as it is.
+        assert_eq!(tidy_error_body("an <Error> with no end"), "an <Error> with no end");
     }
 }

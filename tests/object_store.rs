@@ -1,6 +1,8 @@
 //! Input lists and shards in an S3 bucket, against a real S3-protocol server: moto's
-//! (`moto_server`, PyPI `moto[server]`, installed in .venv by scripts/python-env.sh), started by
-//! each test on a free loopback port. The recap binary runs as a user runs it.
+//! (`moto_server`, PyPI `moto[server]`, installed in .venv by scripts/python-env.sh), and in an
+//! Azure Blob Storage container, against Microsoft's emulator Azurite (npm `azurite`, installed in
+//! tests/azurite by scripts/azurite-env.sh), each started by its test on a free loopback port.
+//! The recap binary runs as a user runs it.
 
 mod common;
 
@@ -26,9 +28,13 @@ impl Drop for Moto {
     }
 }
 
+/// The project's Python (.venv, from scripts/python-env.sh), where moto and the Azure SDK are.
+fn python() -> PathBuf {
+    std::env::var("RECAP_PYTHON").map(PathBuf::from).unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
 fn moto_server() -> PathBuf {
-    let python = std::env::var("RECAP_PYTHON").unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python").display().to_string());
-    let bin = Path::new(&python).with_file_name("moto_server");
+    let bin = python().with_file_name("moto_server");
     assert!(bin.is_file(), "{} is missing: run scripts/python-env.sh (installs moto[server])", bin.display());
     bin
 }
@@ -87,6 +93,9 @@ fn recap(args: &[&str], staging: &Path) -> std::process::Output {
         .env_remove("AWS_ENDPOINT_URL")
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AZURE_STORAGE_ACCOUNT_NAME")
+        .env_remove("AZURE_STORAGE_ACCOUNT_KEY")
+        .env_remove("AZURE_STORAGE_ENDPOINT")
         .output()
         .unwrap()
 }
@@ -245,6 +254,22 @@ async fn runs_killed_mid_upload_resume_to_every_row_once() {
     .unwrap();
     let p = write_pipeline(&tmp_path, "s3://data/lists/urls.parquet", "s3://data/killed", 10, 4, &storage_yaml(&m, "test", "1KB"));
     let out = Remote::open("s3://data/killed", &storage(&m, "test")).unwrap();
+    kill_and_resume(p, staging_path, out).await;
+    let m2 = m;
+    let uploads = tokio::task::spawn_blocking(move || {
+        let u = open_uploads(&m2, "data");
+        drop(m2);
+        u
+    })
+    .await
+    .unwrap();
+    assert!(!uploads.contains("<UploadId>"), "no multipart upload left open: {uploads}");
+}
+
+/// `recap run` of a 120-row, 12-shard pipeline (10 rows per shard, 4 downloads at a time, 100 ms
+/// each: about 3 s of work) killed with SIGKILL at 0.5, 0.9 and 1.3 s, each time checking that what
+/// is committed in `out` is whole, then run to the end: every shard committed, every row once.
+async fn kill_and_resume(p: PathBuf, staging_path: PathBuf, out: Remote) {
     let mut kills = 0;
     for delay_ms in [500u64, 900, 1300] {
         let p2 = p.clone();
@@ -272,24 +297,12 @@ async fn runs_killed_mid_upload_resume_to_every_row_once() {
         kills += killed as u32;
     }
     assert!(kills >= 1, "at least one run was killed while running");
-    let p2 = p.clone();
-    let sp = staging_path.clone();
-    let last = tokio::task::spawn_blocking(move || recap(&["run", p2.to_str().unwrap(), "--no-progress"], &sp)).await.unwrap();
+    let last = tokio::task::spawn_blocking(move || recap(&["run", p.to_str().unwrap(), "--no-progress"], &staging_path)).await.unwrap();
     assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
-    let o = out.clone();
-    let (done, mut ids) = tokio::task::spawn_blocking(move || committed_ids(&o)).await.unwrap();
+    let (done, mut ids) = tokio::task::spawn_blocking(move || committed_ids(&out)).await.unwrap();
     assert_eq!(done, (0..12).collect::<BTreeSet<u64>>());
     ids.sort();
     assert_eq!(ids, (0..120).collect::<Vec<u64>>(), "every row once after {kills} kills");
-    let m2 = m;
-    let uploads = tokio::task::spawn_blocking(move || {
-        let u = open_uploads(&m2, "data");
-        drop(m2);
-        u
-    })
-    .await
-    .unwrap();
-    assert!(!uploads.contains("<UploadId>"), "no multipart upload left open: {uploads}");
 }
 
 /// A moto S3 server that checks every request's signature against an IAM key it made (three
@@ -314,8 +327,7 @@ for key in ["out/00000.parquet", "out/00001.parquet", "out/notes.parquet", "else
     s3.create_multipart_upload(Bucket="data", Key=key)
 print(k["AccessKeyId"], k["SecretAccessKey"])
 "#;
-    let python = moto_server().with_file_name("python");
-    let out = Command::new(python).args(["-c", script, &m.endpoint, &deny.join(",")]).output().unwrap();
+    let out = Command::new(python()).args(["-c", script, &m.endpoint, &deny.join(",")]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let (key, secret) = text.trim().split_once(' ').unwrap();
@@ -463,4 +475,259 @@ fn training_reads_shards_from_s3() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().count() >= 1 && metrics.contains("\"step\":2"), "{metrics}");
+}
+
+/// Azurite's development account and key: published, the same in every Azurite (not a secret).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+struct Azurite {
+    child: Child,
+    port: u16,
+    /// The account's URL, as a real account's `https://ACCOUNT.blob.core.windows.net`.
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's blob service on a free port, in memory, checking every request's Shared Key
+/// signature, with `containers` made through the Azure SDK for Python.
+fn start_azurite(containers: &[&str]) -> Azurite {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/azurite/node_modules/.bin/azurite-blob");
+    assert!(bin.is_file(), "{} is missing: run scripts/azurite-env.sh (installs Azurite from npm)", bin.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Its working directory: Azurite writes its debug log there (--location does not go with
+    // --inMemoryPersistence). --skipApiVersionCheck: the Python SDK speaks a newer API version
+    // than this Azurite knows.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin)
+        .args(["--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr.txt")).unwrap())
+        .spawn()
+        .expect("azurite-blob starts");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let err = std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap_or_default();
+            panic!("Azurite exited ({status}) before it listened: {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "Azurite did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = Azurite { child, port, endpoint: format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"), _dir: dir };
+    for c in containers {
+        azure_sdk(&a, "create", c);
+    }
+    a
+}
+
+/// The Azure SDK for Python on `a`'s container: `create` makes it; `uncommitted` prints the blobs
+/// that hold uncommitted blocks (a block upload not committed), one per line.
+fn azure_sdk(a: &Azurite, op: &str, container: &str) -> String {
+    let script = r#"
+import sys
+from azure.storage.blob import BlobServiceClient
+endpoint, account, key, op, container = sys.argv[1:6]
+conn = f"DefaultEndpointsProtocol=http;AccountName={account};AccountKey={key};BlobEndpoint={endpoint};"
+c = BlobServiceClient.from_connection_string(conn).get_container_client(container)
+if op == "create":
+    c.create_container()
+else:
+    for b in c.list_blobs(include=["uncommittedblobs"]):
+        if c.get_blob_client(b.name).get_block_list("uncommitted")[1]:
+            print(b.name)
+"#;
+    let out = Command::new(python()).args(["-c", script, &a.endpoint, AZURITE_ACCOUNT, AZURITE_KEY, op, container]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn azure_options(a: &Azurite, key: &str) -> [(&'static str, String); 4] {
+    [
+        ("azure_storage_account_name", AZURITE_ACCOUNT.to_string()),
+        ("azure_storage_account_key", key.to_string()),
+        ("azure_storage_endpoint", a.endpoint.clone()),
+        ("azure_allow_http", "true".to_string()),
+    ]
+}
+
+fn azure_storage(a: &Azurite) -> StorageConfig {
+    let mut s = StorageConfig::default();
+    for (k, v) in azure_options(a, AZURITE_KEY) {
+        s.options.insert(k.into(), v);
+    }
+    s
+}
+
+fn azure_storage_yaml(a: &Azurite, key: &str, threshold: &str) -> String {
+    let options: String = azure_options(a, key).iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect();
+    format!("storage:\n  multipart_threshold: {threshold}\n  part_size: 5MiB\n  options:\n{options}")
+}
+
+/// Azurite on a blocking thread with container `data`, and the world's URL list uploaded to
+/// `az://data/lists/urls.parquet`.
+async fn azurite_with_list(w: &World) -> Azurite {
+    let urls = w.urls.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = start_azurite(&["data"]);
+        let lists = Remote::open("az://data/lists", &azure_storage(&a)).unwrap();
+        blocking(async move { lists.upload_file(&urls, "urls.parquet").await.unwrap() });
+        a
+    })
+    .await
+    .unwrap()
+}
+
+/// The same run on Azure Blob Storage: the URL list read from a container, shards written to it
+/// with every Parquet file a block upload (Put Block, then Put Block List), nothing left
+/// uncommitted, a rerun that writes nothing, and `recap query` reading the container with the
+/// credentials from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reads_and_writes_azure_blob_storage_and_resumes() {
+    let w = world(40, 0, "", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = azurite_with_list(&w).await;
+    let p = write_pipeline(tmp.path(), "az://data/lists/urls.parquet", "az://data/run", 20, 16, &azure_storage_yaml(&a, AZURITE_KEY, "1KB"));
+    let out = Remote::open("az://data/run", &azure_storage(&a)).unwrap();
+    let sp = staging.path().to_path_buf();
+    let (a, first, again, uncommitted, names, (done, mut ids), query) = tokio::task::spawn_blocking(move || {
+        let first = recap(&["run", p.to_str().unwrap(), "--no-progress"], &sp);
+        let again = recap(&["run", p.to_str().unwrap(), "--no-progress"], &sp);
+        let o = out.clone();
+        let names: Vec<String> = blocking(async move { o.list_names().await.unwrap() }).into_iter().map(|(n, _)| n).collect();
+        // A reader takes the same URL, with the account from the environment as a user's shell has it.
+        let query = Command::new(env!("CARGO_BIN_EXE_recap"))
+            .args(["query", "--shards", "az://data/run", "--format", "csv", "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(*) FILTER (WHERE status = 'ok') AS ok FROM shards"])
+            .env("RECAP_STAGING", &sp)
+            .envs(azure_options(&a, AZURITE_KEY).map(|(k, v)| (k.to_uppercase(), v)))
+            .output()
+            .unwrap();
+        let uncommitted = azure_sdk(&a, "uncommitted", "data");
+        (a, first, again, uncommitted, names, committed_ids(&out), query)
+    })
+    .await
+    .unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(stdout.contains("2 written") && stdout.contains("az://data/run"), "{stdout}");
+    assert_eq!(done, BTreeSet::from([0, 1]));
+    ids.sort();
+    assert_eq!(ids, (0..40).collect::<Vec<u64>>(), "every row once");
+    assert_eq!(uncommitted, "", "no blob holds uncommitted blocks");
+    assert!(names.contains(&"00000.parquet".to_string()) && !names.iter().any(|n| n.ends_with(".upload")), "{names:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 written, 2 already complete (skipped)"), "{}", String::from_utf8_lossy(&again.stdout));
+    assert!(query.status.success(), "{}", String::from_utf8_lossy(&query.stderr));
+    assert_eq!(String::from_utf8_lossy(&query.stdout).trim(), "n,ids,ok\n40,40,40");
+    drop((a, tmp, w));
+}
+
+/// Runs killed with SIGKILL mid-run on Azure, then resumed: every shard committed once, every row
+/// once, and no blob left holding the uncommitted blocks of a cut upload (Azure has no abort: a
+/// shard's rewrite commits its new block list, which discards them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_runs_killed_mid_upload_resume_to_every_row_once() {
+    let w = world(120, 0, "", ServeOptions { latency: Duration::from_millis(100), ..ServeOptions::default() }).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = azurite_with_list(&w).await;
+    let p = write_pipeline(tmp.path(), "az://data/lists/urls.parquet", "az://data/killed", 10, 4, &azure_storage_yaml(&a, AZURITE_KEY, "1KB"));
+    let out = Remote::open("az://data/killed", &azure_storage(&a)).unwrap();
+    kill_and_resume(p, staging.path().to_path_buf(), out).await;
+    let uncommitted = tokio::task::spawn_blocking(move || azure_sdk(&a, "uncommitted", "data")).await.unwrap();
+    assert_eq!(uncommitted, "", "no blob holds uncommitted blocks");
+}
+
+/// A wrong account key and a container that does not exist are clear errors in Azure's terms
+/// (exit 2), with the store's code and message, not its XML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_azure_key_or_a_missing_container_is_a_clear_error() {
+    let w = world(10, 0, "", ServeOptions::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tokio::task::spawn_blocking(|| start_azurite(&["data"])).await.unwrap();
+    // Valid base64, not the account's key: every request's signature is refused.
+    let wrong = write_pipeline(tmp.path(), &w.urls.display().to_string(), "az://data/run", 10, 16, &azure_storage_yaml(&a, "bm90IHRoZSBhY2NvdW50J3Mga2V5", "16MB"));
+    std::fs::rename(&wrong, tmp.path().join("wrong.yaml")).unwrap();
+    let missing = write_pipeline(tmp.path(), &w.urls.display().to_string(), "az://nosuch/run", 10, 16, &azure_storage_yaml(&a, AZURITE_KEY, "16MB"));
+    let t = tmp.path().to_path_buf();
+    let (wrong, missing) = tokio::task::spawn_blocking(move || {
+        let wrong = recap(&["run", t.join("wrong.yaml").to_str().unwrap(), "--no-progress"], &t);
+        let missing = recap(&["run", missing.to_str().unwrap(), "--no-progress"], &t);
+        drop(a);
+        (wrong, missing)
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&wrong.stderr).to_string();
+    assert_eq!(wrong.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("az://data/run") && err.contains("403 Forbidden: AuthorizationFailure: Server failed to authenticate the request"), "{err}");
+    assert!(err.contains("the credentials were refused: check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY"), "{err}");
+    assert!(!err.contains("<?xml") && !err.contains("AWS_"), "{err}");
+    let err = String::from_utf8_lossy(&missing.stderr).to_string();
+    assert_eq!(missing.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("az://nosuch/run") && err.contains("ContainerNotFound: The specified container does not exist. (no such container)"), "{err}");
+}
+
+/// A loopback TCP proxy to `upstream` that cuts every `nth` connection with a reset (SO_LINGER 0)
+/// once the client has sent its first bytes, as a server closing a connection under a request
+/// does, and relays the others. Returns its port and the count of connections cut.
+async fn resetting_proxy(upstream: u16, nth: usize) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = cut.clone();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut client, _)) = listener.accept().await {
+            n += 1;
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                if n.is_multiple_of(nth) {
+                    let mut buf = [0u8; 4096];
+                    let _ = client.read(&mut buf).await;
+                    let _ = client.set_zero_linger();
+                    counter.fetch_add(1, SeqCst);
+                } else if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (port, cut)
+}
+
+/// Every third connection to the store is reset under its request (no pooled connections, so
+/// each request has its own): reads are resent by object_store, writes (PUT of a block, a block
+/// list, a marker; DELETE) by recap, and the run commits every shard with every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_cut_by_a_connection_reset_are_sent_again() {
+    let w = world(40, 0, "", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = azurite_with_list(&w).await;
+    let (proxy, cut) = resetting_proxy(a.port, 3).await;
+    let yaml = azure_storage_yaml(&a, AZURITE_KEY, "1KB").replace(&a.endpoint, &format!("http://127.0.0.1:{proxy}/{AZURITE_ACCOUNT}")) + "    pool_max_idle_per_host: \"0\"\n";
+    let p = write_pipeline(tmp.path(), "az://data/lists/urls.parquet", "az://data/cut", 10, 16, &yaml);
+    let out = Remote::open("az://data/cut", &azure_storage(&a)).unwrap();
+    let sp = staging.path().to_path_buf();
+    let (run, (done, mut ids)) = tokio::task::spawn_blocking(move || {
+        let run = recap(&["run", p.to_str().unwrap(), "--no-progress"], &sp);
+        (run, committed_ids(&out))
+    })
+    .await
+    .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let cut = cut.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(cut >= 5, "the proxy cut {cut} connections");
+    assert_eq!(done, (0..4).collect::<BTreeSet<u64>>());
+    ids.sort();
+    assert_eq!(ids, (0..40).collect::<Vec<u64>>(), "every row once after {cut} connections were cut");
+    drop((a, tmp, w));
 }
