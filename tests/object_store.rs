@@ -16,16 +16,35 @@ use recap::config::StorageConfig;
 use recap::storage::{blocking, Remote};
 use recap::synth::ServeOptions;
 
-struct Moto {
-    child: Child,
-    endpoint: String,
+/// A server process a test started (moto, Azurite), killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Start `cmd` and wait until it listens on `port` on 127.0.0.1 (30 s at most). A server that
+/// exits first fails the test, with what it wrote to `stderr_file` if it wrote there.
+fn start_server(mut cmd: Command, port: u16, what: &str, stderr_file: Option<&Path>) -> Server {
+    let mut server = Server(cmd.spawn().unwrap_or_else(|e| panic!("{what} starts: {e}")));
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            let err = stderr_file.and_then(|f| std::fs::read_to_string(f).ok()).unwrap_or_default();
+            panic!("{what} exited ({status}) before it listened: {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
     }
+    server
+}
+
+struct Moto {
+    _server: Server,
+    endpoint: String,
 }
 
 /// The project's Python (.venv, from scripts/python-env.sh), where moto and the Azure SDK are.
@@ -48,14 +67,7 @@ fn start_moto(unsigned_calls: Option<u32>) -> Moto {
     if let Some(n) = unsigned_calls {
         cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
     }
-    let child = cmd.spawn().expect("moto_server starts");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Moto { child, endpoint }
+    Moto { _server: start_server(cmd, port, "moto_server", None), endpoint: format!("http://127.0.0.1:{port}") }
 }
 
 fn create_bucket(m: &Moto, bucket: &str) {
@@ -482,18 +494,11 @@ const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 struct Azurite {
-    child: Child,
+    _server: Server,
     port: u16,
     /// The account's URL, as a real account's `https://ACCOUNT.blob.core.windows.net`.
     endpoint: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Azurite's blob service on a free port, in memory, checking every request's Shared Key
@@ -506,23 +511,14 @@ fn start_azurite(containers: &[&str]) -> Azurite {
     // --inMemoryPersistence). --skipApiVersionCheck: the Python SDK speaks a newer API version
     // than this Azurite knows.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin)
-        .args(["--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+    let stderr = dir.path().join("stderr.txt");
+    let mut cmd = Command::new(bin);
+    cmd.args(["--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
         .current_dir(dir.path())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr.txt")).unwrap())
-        .spawn()
-        .expect("azurite-blob starts");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = child.try_wait().unwrap() {
-            let err = std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap_or_default();
-            panic!("Azurite exited ({status}) before it listened: {err}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "Azurite did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let a = Azurite { child, port, endpoint: format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"), _dir: dir };
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let server = start_server(cmd, port, "Azurite", Some(&stderr));
+    let a = Azurite { _server: server, port, endpoint: format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"), _dir: dir };
     for c in containers {
         azure_sdk(&a, "create", c);
     }
