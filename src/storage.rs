@@ -25,9 +25,33 @@ use crate::config::StorageConfig;
 use crate::error::{Error, Result};
 
 
+/// The stores recap opens, by URL scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreKind {
+    S3,
+    Gcs,
+    Azure,
+    Local,
+}
+
+impl StoreKind {
+    /// The store a URL names (`s3://`, `s3a://`, `gs://`, `az://`, `abfs://`, `abfss://`,
+    /// `azure://`, `file://`; the scheme in any case), or None for a local path or another scheme.
+    fn of(url: &str) -> Option<StoreKind> {
+        let (scheme, _) = url.split_once("://")?;
+        Some(match scheme.to_ascii_lowercase().as_str() {
+            "s3" | "s3a" => StoreKind::S3,
+            "gs" => StoreKind::Gcs,
+            "az" | "abfs" | "abfss" | "azure" => StoreKind::Azure,
+            "file" => StoreKind::Local,
+            _ => return None,
+        })
+    }
+}
+
 /// Is this a URL recap should open through an object store (rather than a local path)?
 pub fn is_url(s: &str) -> bool {
-    matches!(s.split_once("://"), Some((scheme, _)) if matches!(scheme, "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "file"))
+    StoreKind::of(s).is_some()
 }
 
 /// A store and the prefix a URL names in it.
@@ -38,6 +62,10 @@ pub struct Remote {
     multipart: Option<Arc<dyn MultipartStore>>,
     /// S3 only: lists the bucket's open multipart uploads.
     s3_uploads: Option<S3Uploads>,
+    /// Whether a multipart upload is recorded in `.NAME.upload` for a rerun to abort: not on
+    /// Azure, where an upload is blocks staged under the blob's own name, which the next commit
+    /// of that name discards (and the service after a week), and abort is a no-op.
+    records_uploads: bool,
     pub prefix: ObjPath,
     threshold: usize,
     part: usize,
@@ -90,8 +118,8 @@ fn store_error(what: &str, url: &str, e: impl std::fmt::Display) -> Error {
     let text = tidy_error_body(&e.to_string());
     let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
     let refused = has(&["403 Forbidden", "401 Unauthorized"]);
-    let hint = match url.split_once("://").map(|(scheme, _)| scheme) {
-        Some("az" | "abfs" | "abfss" | "azure") => {
+    let hint = match StoreKind::of(url) {
+        Some(StoreKind::Azure) => {
             if has(&["AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch"]) {
                 " (access denied: the identity's role does not allow this request; check its role assignment on the container)"
             } else if refused || has(&["AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo"]) {
@@ -102,7 +130,7 @@ fn store_error(what: &str, url: &str, e: impl std::fmt::Display) -> Error {
                 ""
             }
         }
-        Some("gs") => {
+        Some(StoreKind::Gcs) => {
             if refused || has(&["AccessDenied"]) {
                 " (the credentials were refused or lack a permission: check GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS or storage.options, and the account's roles on the bucket)"
             } else if has(&["NoSuchBucket"]) {
@@ -148,8 +176,10 @@ impl Remote {
         let parsed = url::Url::parse(url).map_err(|e| Error::Usage(format!("{url}: not a URL: {e}")))?;
         let bad_key = |k: &str, e: object_store::Error| Error::Usage(format!("storage.options.{k}: {e}"));
         let mut s3_uploads = None;
-        let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) = match parsed.scheme() {
-            "s3" | "s3a" => {
+        let kind = StoreKind::of(url)
+            .ok_or_else(|| Error::Usage(format!("{url}: unsupported scheme {:?}; expected s3, gs, az or file", parsed.scheme())))?;
+        let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) = match kind {
+            StoreKind::S3 => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
@@ -158,7 +188,7 @@ impl Remote {
                 s3_uploads = parsed.host_str().and_then(|bucket| S3Uploads::new(&b, bucket, s.clone()));
                 (s.clone(), Some(s))
             }
-            "gs" => {
+            StoreKind::Gcs => {
                 let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
@@ -166,7 +196,7 @@ impl Remote {
                 let s = Arc::new(b.build().map_err(|e| store_error("cannot open", url, e))?);
                 (s.clone(), Some(s))
             }
-            "az" | "abfs" | "abfss" | "azure" => {
+            StoreKind::Azure => {
                 let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
@@ -174,19 +204,15 @@ impl Remote {
                 let s = Arc::new(b.build().map_err(|e| store_error("cannot open", url, e))?);
                 (s.clone(), Some(s))
             }
-            "file" => (Arc::new(object_store::local::LocalFileSystem::new()), None),
-            other => return Err(Error::Usage(format!("{url}: unsupported scheme {other:?}; expected s3, gs, az or file"))),
+            StoreKind::Local => (Arc::new(object_store::local::LocalFileSystem::new()), None),
         };
-        let prefix = if parsed.scheme() == "file" {
-            ObjPath::from_url_path(parsed.path()).map_err(|e| Error::Usage(format!("{url}: {e}")))?
-        } else {
-            ObjPath::from_url_path(parsed.path()).map_err(|e| Error::Usage(format!("{url}: {e}")))?
-        };
+        let prefix = ObjPath::from_url_path(parsed.path()).map_err(|e| Error::Usage(format!("{url}: {e}")))?;
         Ok(Remote {
             url: parsed,
             store,
             multipart,
             s3_uploads,
+            records_uploads: kind != StoreKind::Azure,
             prefix,
             threshold: storage.multipart_threshold.0 as usize,
             part: (storage.part_size.0 as usize).max(1 << 20),
@@ -243,7 +269,8 @@ impl Remote {
     }
 
     /// Upload a local file to `name`: one PUT, or a multipart upload recorded in
-    /// `.<name>.upload` (the upload id) so a rerun after a kill can abort it.
+    /// `.<name>.upload` (the upload id) so a rerun after a kill can abort it (not on Azure: see
+    /// `records_uploads`).
     pub async fn upload_file(&self, from: &Path, name: &str) -> Result<()> {
         let data = std::fs::read(from).map_err(|e| Error::io("cannot read", from, e))?;
         let to = self.child(name);
@@ -254,8 +281,10 @@ impl Remote {
                 // A second upload opened by a resent request whose first try the store did get is
                 // under this shard's name: the next run lists and aborts it.
                 let id = resend(&url, || mp.create_multipart(&to)).await.map_err(|e| store_error("cannot start a multipart upload to", &url, e))?;
-                let record_bytes = PutPayload::from(id.clone().into_bytes());
-                resend(&url, || self.store.put(&record, record_bytes.clone())).await.map_err(|e| store_error("cannot write", &url, e))?;
+                if self.records_uploads {
+                    let record_bytes = PutPayload::from(id.clone().into_bytes());
+                    resend(&url, || self.store.put(&record, record_bytes.clone())).await.map_err(|e| store_error("cannot write", &url, e))?;
+                }
                 let mut parts: Vec<PartId> = Vec::new();
                 for (i, chunk) in data.chunks(self.part).enumerate() {
                     let payload = PutPayload::from(bytes::Bytes::copy_from_slice(chunk));
@@ -276,7 +305,9 @@ impl Remote {
                         if tries > 1 && self.store.head(&to).await.is_ok_and(|m| m.size == data.len() as u64) => {}
                     Err(e) => return Err(store_error("cannot complete the upload of", &url, e)),
                 }
-                let _ = self.store.delete(&record).await;
+                if self.records_uploads {
+                    let _ = self.store.delete(&record).await;
+                }
             }
             _ => {
                 let payload = PutPayload::from(data);
@@ -517,6 +548,9 @@ mod tests {
     fn urls_and_paths() {
         assert!(is_url("s3://bucket/prefix") && is_url("gs://b/x") && is_url("az://c/x") && is_url("file:///tmp/x"));
         assert!(!is_url("shards/") && !is_url("/abs/path") && !is_url("http://example.org/x.parquet"));
+        let kinds = ["S3://b/x", "s3a://b/x", "gs://b/x", "abfss://c@acct.dfs.core.windows.net/x", "azure://c/x", "FILE:///x"].map(StoreKind::of);
+        use StoreKind::*;
+        assert_eq!(kinds, [Some(S3), Some(S3), Some(Gcs), Some(Azure), Some(Azure), Some(Local)]);
     }
 
     #[tokio::test]

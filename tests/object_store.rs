@@ -508,12 +508,13 @@ fn start_azurite(containers: &[&str]) -> Azurite {
     assert!(bin.is_file(), "{} is missing: run scripts/azurite-env.sh (installs Azurite from npm)", bin.display());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // Its working directory: Azurite writes its debug log there (--location does not go with
-    // --inMemoryPersistence). --skipApiVersionCheck: the Python SDK speaks a newer API version
-    // than this Azurite knows.
+    // --inMemoryPersistence), with every request it served (`Azurite::requests`).
+    // --skipApiVersionCheck: the Python SDK speaks a newer API version than this Azurite knows.
     let dir = tempfile::tempdir().unwrap();
     let stderr = dir.path().join("stderr.txt");
     let mut cmd = Command::new(bin);
-    cmd.args(["--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+    cmd.args(["--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--debug", "debug.log"])
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
         .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap());
@@ -523,6 +524,20 @@ fn start_azurite(containers: &[&str]) -> Azurite {
         azure_sdk(&a, "create", c);
     }
     a
+}
+
+impl Azurite {
+    /// The requests Azurite has served so far, as `METHOD URL` (from its debug log).
+    fn requests(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self._dir.path().join("debug.log")).unwrap();
+        log.lines()
+            .filter_map(|l| {
+                let method = l.split("RequestMethod=").nth(1)?.split(' ').next()?;
+                let url = l.split("RequestURL=").nth(1)?.split(' ').next()?;
+                Some(format!("{method} {url}"))
+            })
+            .collect()
+    }
 }
 
 /// The Azure SDK for Python on `a`'s container: `create` makes it; `uncommitted` prints the blobs
@@ -619,6 +634,16 @@ async fn a_run_reads_and_writes_azure_blob_storage_and_resumes() {
     assert_eq!(ids, (0..40).collect::<Vec<u64>>(), "every row once");
     assert_eq!(uncommitted, "", "no blob holds uncommitted blocks");
     assert!(names.contains(&"00000.parquet".to_string()) && !names.iter().any(|n| n.ends_with(".upload")), "{names:?}");
+    // Each shard's Parquet went up in blocks, and no `.upload` record was written for it: on
+    // Azure a cut upload's blocks are discarded by the next commit of the name, with nothing to
+    // abort.
+    let requests = a.requests();
+    for shard in ["00000", "00001"] {
+        let blob = format!("/data/run/{shard}.parquet?");
+        let put_block = |r: &&String| r.starts_with("PUT ") && r.contains(&blob) && r.contains("comp=block") && !r.contains("comp=blocklist");
+        assert!(requests.iter().any(|r| put_block(&r)), "no Put Block for shard {shard}: {requests:?}");
+    }
+    assert!(!requests.iter().any(|r| r.contains(".upload")), "{:?}", requests.iter().filter(|r| r.contains(".upload")).collect::<Vec<_>>());
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 written, 2 already complete (skipped)"), "{}", String::from_utf8_lossy(&again.stdout));
     assert!(query.status.success(), "{}", String::from_utf8_lossy(&query.stderr));
     assert_eq!(String::from_utf8_lossy(&query.stdout).trim(), "n,ids,ok\n40,40,40");
