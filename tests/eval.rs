@@ -112,6 +112,11 @@ fn a_file_that_is_not_an_evaluation_set_is_refused() {
     recap::synth::write_url_list(tmp.path(), "http://127.0.0.1:1", &[], 0).unwrap();
     let e = EvalSet::open(&data.with_file_name("urls.parquet")).err().unwrap().to_string();
     assert!(e.contains("urls.parquet") && e.contains("no recap.eval metadata"), "{e}");
+    // A directory (a run's shards, say) is named for what it is.
+    let e = EvalSet::open(tmp.path()).err().unwrap().to_string();
+    assert!(e.contains("is a directory; expected one evaluation set file"), "{e}");
+    let e = recap::train::dense::DenseSet::open(tmp.path()).err().unwrap().to_string();
+    assert!(e.contains("is a directory; expected one dense dataset file"), "{e}");
     let e = eval::load_model(&tmp.path().join("nothing")).err().unwrap().to_string();
     assert!(e.contains("no such directory"), "{e}");
 }

@@ -106,6 +106,9 @@ impl DenseSet {
     /// Read and check a dense dataset: every mask and depth map decodes, has its image's size,
     /// and every class index is a declared class (or the ignore index).
     pub fn open(path: &Path) -> Result<DenseSet> {
+        if path.is_dir() {
+            return Err(bad(path, "is a directory; expected one dense dataset file, as `recap synth` writes it (WORLD/dense.parquet) or tools/dense_from_folders.py makes from folders"));
+        }
         let file = File::open(path).map_err(|e| Error::io("cannot open dense dataset", path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(path, format!("not a readable Parquet file: {e}")))?;
         let raw = super::eval::file_metadata(&b, "recap.dense")

@@ -107,6 +107,9 @@ pub(crate) fn write_labelled(path: &Path, key: &str, spec: &impl Serialize, fiel
 
 impl EvalSet {
     pub fn open(path: &Path) -> Result<EvalSet> {
+        if path.is_dir() {
+            return Err(bad(path, "is a directory; expected one evaluation set file, as `recap synth` writes it (WORLD/eval.parquet) or tools/eval_from_folders.py makes from folders"));
+        }
         let file = File::open(path).map_err(|e| Error::io("cannot open evaluation set", path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(path, format!("not a readable Parquet file: {e}")))?;
         let raw = file_metadata(&b, "recap.eval")
