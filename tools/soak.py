@@ -4,13 +4,18 @@ kill   : RUNS runs of one pipeline (600 rows, 30 shards, served shapeworld with 
          with SIGKILL at random moments (uniform over a run's length) and resumed; after every kill
          every visible shard file reads back whole and every marked shard has its marker's rows;
          after the last, a run to completion gives every input row exactly once.
+         --store s3: the shards go to a bucket on a moto S3 server started here, every Parquet
+         file a multipart upload; after the last run no multipart upload is left open and no
+         `.upload` record is left. --store az: the same in a container on Azurite
+         (tests/azurite, scripts/azurite-env.sh), every Parquet file a block upload; after the
+         last run no blob holds uncommitted blocks.
 slow   : CONNS concurrent connections to a loopback server that trickles one byte a second and
          never finishes, mixed with NORMAL rows from a served shapeworld; recap (concurrency
          CONNS + NORMAL) must keep progressing: every normal image is served (timed by the test's
          own server) before the slow ones time out, while they are open; the slow ones end as
          `timeout`; peak RSS sampled throughout; no row lost.
 
-Usage: .venv/bin/python tools/soak.py kill [--runs 100]
+Usage: .venv/bin/python tools/soak.py kill [--runs 100] [--store local|s3|az]
        .venv/bin/python tools/soak.py slow [--conns 10000]
        (--recap target/release/recap by default; --work target/soak)
 """
@@ -47,21 +52,148 @@ def serve_world(recap, world, port, latency="0ms"):
     return p
 
 
+class LocalShards:
+    """The run's output directory."""
+
+    def __init__(self, path):
+        self.path = path
+        self.url = str(path)
+        self.yaml = ""
+
+    def names(self):
+        return sorted(p.name for p in self.path.glob("*")) if self.path.exists() else []
+
+    def read(self, name):
+        return (self.path / name).read_bytes()
+
+    def clear(self):
+        subprocess.run(["rm", "-rf", str(self.path)], check=True)
+
+    def left_open(self):
+        return []
+
+
+class S3Shards:
+    """A bucket on a moto S3 server this soak starts: shards under s3://soak/shards, every Parquet
+    file a multipart upload (threshold 1KB)."""
+
+    def __init__(self, port):
+        import boto3
+        moto = Path(sys.executable).with_name("moto_server")
+        self.server = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                               aws_access_key_id="soak", aws_secret_access_key="secret")
+        for _ in range(100):
+            try:
+                self.s3.create_bucket(Bucket="soak")
+                break
+            except Exception:  # noqa: BLE001 (not listening yet)
+                time.sleep(0.1)
+        else:
+            raise SystemExit("moto_server did not start")
+        self.url = "s3://soak/shards"
+        self.yaml = f"""storage:
+  multipart_threshold: 1KB
+  options:
+    aws_endpoint: {endpoint}
+    aws_allow_http: "true"
+    aws_region: us-east-1
+    aws_access_key_id: soak
+    aws_secret_access_key: secret
+"""
+
+    def names(self):
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket="soak", Prefix="shards/"):
+            out += [o["Key"].removeprefix("shards/") for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def read(self, name):
+        return self.s3.get_object(Bucket="soak", Key=f"shards/{name}")["Body"].read()
+
+    def clear(self):
+        for name in self.names():
+            self.s3.delete_object(Bucket="soak", Key=f"shards/{name}")
+
+    def left_open(self):
+        """Multipart uploads open under the prefix, and `.upload` records."""
+        open_ = self.s3.list_multipart_uploads(Bucket="soak", Prefix="shards/").get("Uploads", [])
+        return [u["Key"] for u in open_] + [n for n in self.names() if n.endswith(".upload")]
+
+
+class AzureShards:
+    """A container on Azurite (the Azure Blob emulator, npm, in tests/azurite) this soak starts:
+    shards under az://soak/shards, every Parquet file a block upload (threshold 1KB)."""
+
+    ACCOUNT = "devstoreaccount1"
+    KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+    def __init__(self, port, work):
+        from azure.storage.blob import BlobServiceClient
+        azurite = Path(__file__).resolve().parent.parent / "tests/azurite/node_modules/.bin/azurite-blob"
+        if not azurite.is_file():
+            raise SystemExit(f"{azurite} is missing: run scripts/azurite-env.sh")
+        (work / "azurite").mkdir()
+        self.server = subprocess.Popen([str(azurite), "--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck",
+                                        "--blobHost", "127.0.0.1", "--blobPort", str(port)],
+                                       cwd=work / "azurite", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}/{self.ACCOUNT}"
+        conn = f"DefaultEndpointsProtocol=http;AccountName={self.ACCOUNT};AccountKey={self.KEY};BlobEndpoint={endpoint};"
+        self.c = BlobServiceClient.from_connection_string(conn).get_container_client("soak")
+        for _ in range(100):
+            try:
+                self.c.create_container()
+                break
+            except Exception:  # noqa: BLE001 (not listening yet)
+                time.sleep(0.1)
+        else:
+            raise SystemExit("Azurite did not start")
+        self.url = "az://soak/shards"
+        self.yaml = f"""storage:
+  multipart_threshold: 1KB
+  options:
+    azure_storage_account_name: {self.ACCOUNT}
+    azure_storage_account_key: "{self.KEY}"
+    azure_storage_endpoint: {endpoint}
+    azure_allow_http: "true"
+"""
+
+    def names(self):
+        return sorted(b.name.removeprefix("shards/") for b in self.c.list_blobs(name_starts_with="shards/"))
+
+    def read(self, name):
+        return self.c.download_blob(f"shards/{name}").readall()
+
+    def clear(self):
+        for name in self.names():
+            self.c.delete_blob(f"shards/{name}")
+
+    def left_open(self):
+        """Blobs holding uncommitted blocks (a cut block upload), and `.upload` records."""
+        cut = [b.name for b in self.c.list_blobs(name_starts_with="shards/", include=["uncommittedblobs"])
+               if self.c.get_blob_client(b.name).get_block_list("uncommitted")[1]]
+        return cut + [n for n in self.names() if n.endswith(".upload")]
+
+
 def shard_rows(out):
     """(committed shard -> ids) and a list of problems with visible files."""
+    import io
     problems, committed = [], {}
-    for f in sorted(out.glob("*.parquet")):
+    names = out.names()
+    for name in (n for n in names if n.endswith(".parquet")):
         try:
-            t = pq.read_table(f, columns=["id"])
+            t = pq.read_table(io.BytesIO(out.read(name)), columns=["id"])
         except Exception as e:  # noqa: BLE001
-            problems.append(f"{f.name}: unreadable: {e}")
+            problems.append(f"{name}: unreadable: {e}")
             continue
-        done = out / (f.name[: -len(".parquet")] + ".done")
-        if done.exists():
-            marker = json.loads(done.read_text())
+        done = name[: -len(".parquet")] + ".done"
+        if done in names:
+            marker = json.loads(out.read(done))
             if marker["rows"] != t.num_rows:
-                problems.append(f"{f.name}: marker says {marker['rows']} rows, file has {t.num_rows}")
-            committed[f.name] = t.column("id").to_pylist()
+                problems.append(f"{name}: marker says {marker['rows']} rows, file has {t.num_rows}")
+            committed[name] = t.column("id").to_pylist()
     return committed, problems
 
 
@@ -72,7 +204,12 @@ def kill(args):
     subprocess.run([args.recap, "synth", "--out", str(work / "world"), "--count", "600", "--seed", "9",
                     "--min-size", "64x48", "--max-size", "200x150"], check=True, stdout=subprocess.DEVNULL)
     server = serve_world(args.recap, work / "world", args.port, "20ms")
-    out = work / "shards"
+    if args.store == "s3":
+        out = S3Shards(args.port + 2)
+    elif args.store == "az":
+        out = AzureShards(args.port + 2, work)
+    else:
+        out = LocalShards(work / "shards")
     (work / "p.yaml").write_text(f"""input:
   path: {work}/world/urls.parquet
   passthrough: [id]
@@ -87,14 +224,14 @@ image:
 engine:
   shards_in_flight: 3
 output:
-  path: {out}
-""")
+  path: {out.url}
+{out.yaml}""")
     cmd = [args.recap, "run", str(work / "p.yaml"), "--no-progress"]
     # One uninterrupted run's length, to spread the kills over it.
     t = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     full = time.monotonic() - t
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.clear()
     rng = random.Random(args.seed)
     killed_running, finished, problems = 0, 0, []
     start = time.monotonic()
@@ -111,16 +248,22 @@ output:
         problems += [f"after kill {i}: {x}" for x in probs]
         if finished and len(committed) == 30:
             # Everything committed: start over so every kill lands on work.
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            out.clear()
+    left_before = len(out.left_open())
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     committed, probs = shard_rows(out)
     problems += probs
+    left = out.left_open()
+    problems += [f"left open after the last run: {x}" for x in left]
     ids = sorted(i for v in committed.values() for i in v)
     server.terminate()
+    if args.store != "local":
+        out.server.terminate()
     ok = ids == list(range(600)) and len(committed) == 30 and not problems
-    print(json.dumps({"test": "kill", "runs": args.runs, "killed_while_running": killed_running,
+    print(json.dumps({"test": "kill", "store": args.store, "runs": args.runs, "killed_while_running": killed_running,
                       "finished_before_kill": finished, "uninterrupted_run_s": round(full, 2),
                       "shards": len(committed), "rows": len(ids), "distinct_rows": len(set(ids)),
+                      "uploads_left_open_before_the_last_run": left_before,
                       "problems": problems[:10], "seconds": round(time.monotonic() - start, 1), "ok": ok}))
     return ok
 
@@ -258,6 +401,7 @@ def main():
     ap.add_argument("--timeout", type=int, default=20)
     ap.add_argument("--port", type=int, default=18300)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--store", choices=["local", "s3", "az"], default="local")
     args = ap.parse_args()
     ok = kill(args) if args.test == "kill" else slow(args)
     sys.exit(0 if ok else 1)
