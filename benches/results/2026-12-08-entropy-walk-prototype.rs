@@ -13,10 +13,10 @@
 //   Per image it decodes ~516,000 AC symbols through the 12-bit "skip" table (code and magnitude
 //   bits in one look-up) and ~6,000 through the slow path: ~5 ns a symbol.
 //
-// Reading: libjpeg-turbo's Huffman decoding is near what a straightforward table decoder does;
-// even a decoder 1.5x faster on the entropy data (multi-symbol tables) would leave ~1.2 ms of
-// scaled IDCT, colour, resize and encode plus ~1.2 ms per image of download, hashing, shard
-// writing and kernel time, which puts the photo web near 3.8x img2dataset at best. Not pursued:
+// Reading: libjpeg-turbo's Huffman decoding is near what a straightforward table decoder does.
+// A run spends ~6 ms of core time per photo (324-339 images/s on 2 cores, 2.8-2.9x img2dataset),
+// ~3.8 of it in entropy decoding: 1.25x faster there gives ~3.2x img2dataset, 1.5x (multi-symbol
+// tables) ~3.6x, and 4x needs about 2x. Not pursued:
 // a JPEG decoder of our own in the hot path is a large correctness and fuzzing liability for a
 // gain that does not reach the target.
 //
