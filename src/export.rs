@@ -238,7 +238,7 @@ pub fn webdataset(spec: &str, out: &Path, opts: &ExportOptions) -> Result<Export
                 }
                 let t = tar.as_mut().expect("open");
                 if image.is_valid(i) && img_bytes.is_valid(i) {
-                    let ext = img_path.is_valid(i).then(|| img_path.value(i).rsplit('.').next().unwrap_or("jpg")).unwrap_or("jpg");
+                    let ext = if img_path.is_valid(i) { img_path.value(i).rsplit('.').next().unwrap_or("jpg") } else { "jpg" };
                     t.member(&format!("{k}.{ext}"), img_bytes.value(i))?;
                 }
                 if cap.is_valid(i) {

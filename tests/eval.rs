@@ -141,7 +141,7 @@ fn a_worlds_dense_set_holds_its_masks_and_depth() {
         let class = 1 + ["circle", "square", "triangle", "diamond"].iter().position(|k| *k == o.shape).unwrap() as u32;
         assert_eq!(mask[i], class, "{}", s.file);
         assert!((depth[i] - o.depth).abs() < 0.01, "{}: depth {} vs {}", s.file, depth[i], o.depth);
-        assert!(mask.iter().any(|&c| c == 0) && depth.iter().any(|&d| (d - 10.0).abs() < 1e-3));
+        assert!(mask.contains(&0) && depth.iter().any(|&d| (d - 10.0).abs() < 1e-3));
     }
 }
 

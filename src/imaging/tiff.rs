@@ -85,7 +85,7 @@ fn first_ifd(bytes: &[u8]) -> Result<Ifd, String> {
             1 | 2 | 6 | 7 => 1,
             3 | 8 => 2,
             4 | 9 | 11 | 13 => 4,
-            16 | 17 | 18 => 8,
+            16..=18 => 8,
             _ => 0,
         };
         let inline = if big { 8 } else { 4 };

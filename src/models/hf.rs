@@ -106,7 +106,7 @@ impl ImageProcessor {
         } else {
             ([0.0; 3], [1.0; 3])
         };
-        if std.iter().any(|s| *s == 0.0) {
+        if std.contains(&0.0) {
             return Err(Error::model(path, "`image_std` has a zero"));
         }
         Ok(ImageProcessor { resize, filter, crop, rescale, mean, std })

@@ -420,19 +420,6 @@ fn displayable(a: &ArrayRef) -> (ArrayRef, DataType) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn view_calls_are_quoted_and_nothing_else_changes() {
-        let q = "SELECT key, view(image_embeddings, 0) AS v, 'view(' AS s FROM shards -- view(\nWHERE x";
-        assert_eq!(
-            super::quote_view_calls(q),
-            "SELECT key, \"view\"(image_embeddings, 0) AS v, 'view(' AS s FROM shards -- view(\nWHERE x"
-        );
-        assert_eq!(super::quote_view_calls("CREATE VIEW v AS SELECT 1"), "CREATE VIEW v AS SELECT 1");
-    }
-}
-
 fn type_short(t: &DataType) -> &'static str {
     match t {
         DataType::Float16 => "float16",
@@ -466,4 +453,17 @@ pub fn format_table(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Strin
     let rows: usize = shown.iter().map(|b| b.num_rows()).sum();
     let t = arrow::util::pretty::pretty_format_batches(&shown).map_err(|e| Error::data("formatting", e))?.to_string();
     Ok(format!("{t}\n{rows} row{}", if rows == 1 { "" } else { "s" }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn view_calls_are_quoted_and_nothing_else_changes() {
+        let q = "SELECT key, view(image_embeddings, 0) AS v, 'view(' AS s FROM shards -- view(\nWHERE x";
+        assert_eq!(
+            super::quote_view_calls(q),
+            "SELECT key, \"view\"(image_embeddings, 0) AS v, 'view(' AS s FROM shards -- view(\nWHERE x"
+        );
+        assert_eq!(super::quote_view_calls("CREATE VIEW v AS SELECT 1"), "CREATE VIEW v AS SELECT 1");
+    }
 }

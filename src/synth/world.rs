@@ -336,7 +336,7 @@ pub fn planned_sample(spec: &WorldSpec, id: u64) -> Sample {
         src = (src + 1) % base;
     }
     let mut s = sample(spec, src);
-    let exact = (id - base) % 2 == 0;
+    let exact = (id - base).is_multiple_of(2);
     let ext = if exact { s.file.rsplit('.').next().unwrap_or("jpg").to_string() } else { "jpg".to_string() };
     s.id = id;
     s.file = format!("images/{id:06}.{ext}");

@@ -74,7 +74,7 @@ impl ClipShape {
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         let v = &self.vision;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             p.push(("vision.patch_size".into(), format!("{} does not divide vision.image_size {}", v.patch_size, v.image_size)));
         }
         for (name, width, heads) in [("vision", v.width, v.heads), ("text", self.text.width, self.text.heads)] {
