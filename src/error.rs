@@ -103,3 +103,18 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its sources as one line, `outer: inner: innermost` (a source whose text the
+/// outer one already holds is left out).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out = format!("{out}: {t}");
+        }
+        src = s.source();
+    }
+    out
+}

@@ -54,6 +54,93 @@ pub fn is_url(s: &str) -> bool {
     StoreKind::of(s).is_some()
 }
 
+/// The scheme of a `scheme://...` path, lower-cased (a letter, then letters, digits, `+-.`).
+fn scheme(s: &str) -> Option<String> {
+    let (scheme, _) = s.split_once("://")?;
+    let mut chars = scheme.chars();
+    let ok = chars.next()?.is_ascii_alphabetic() && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    ok.then(|| scheme.to_ascii_lowercase())
+}
+
+/// An `http://` or `https://` URL (an input list read with GET).
+pub fn is_http(s: &str) -> bool {
+    matches!(scheme(s).as_deref(), Some("http" | "https"))
+}
+
+/// What is wrong with a `scheme://` path recap cannot use there, if anything: a scheme that is no
+/// store recap opens, or an http(s) URL where shards are listed or written (`http_ok`: an input
+/// list, which may be one file at an http(s) URL). A path without a scheme is a local path: None.
+pub fn unsupported_scheme(s: &str, http_ok: bool) -> Option<String> {
+    let scheme = scheme(s)?;
+    let http = scheme == "http" || scheme == "https";
+    if StoreKind::of(s).is_some() || (http && http_ok) {
+        return None;
+    }
+    Some(if http {
+        format!("{s}: an http(s) URL can be read as one input list, not listed or written; expected s3://, gs://, az://, file:// or a local path")
+    } else {
+        let http = if http_ok { ", http(s):// (one file)" } else { "" };
+        format!("{s}: unsupported scheme {scheme:?}; expected s3://, gs://, az://, file://{http} or a local path")
+    })
+}
+
+/// An input list at an http(s) URL (its query string kept, so signed URLs work) downloaded into
+/// a staging directory, and kept there while a HEAD finds the same size and validator (`ETag`,
+/// else `Last-Modified`) as when it was downloaded; the local file, named as the URL's last path
+/// segment so its extension says the format.
+pub fn stage_http_file(url: &str) -> Result<PathBuf> {
+    use reqwest::header::{HeaderMap, CONTENT_LENGTH, ETAG, LAST_MODIFIED};
+    use tokio::io::AsyncWriteExt;
+    let parsed = url::Url::parse(url).map_err(|e| Error::Usage(format!("{url}: not a URL: {e}")))?;
+    let dir = staging_dir(url, "input")?;
+    let last = parsed.path_segments().and_then(|mut s| s.next_back()).filter(|n| !n.is_empty()).unwrap_or("input");
+    let name: String = last.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let (local, stamp_file, part) = (dir.join(&name), dir.join(format!(".{name}.source")), dir.join(format!(".{name}.part")));
+    let fail = |e: &dyn std::fmt::Display| Error::Usage(format!("cannot download the input list {url}: {e}"));
+    // The size and validator a response gives for the file, when it gives both.
+    let stamp = |h: &HeaderMap| -> Option<String> {
+        let validator = h.get(ETAG).or_else(|| h.get(LAST_MODIFIED))?.to_str().ok()?;
+        Some(format!("{} {validator}", h.get(CONTENT_LENGTH)?.to_str().ok()?))
+    };
+    blocking(async {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("recap/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .read_timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| fail(&e))?;
+        if let (Ok(kept), Ok(before)) = (std::fs::metadata(&local), std::fs::read_to_string(&stamp_file)) {
+            let now = match client.head(url).send().await {
+                Ok(r) if r.status().is_success() => stamp(r.headers()),
+                _ => None,
+            };
+            if now.as_deref() == Some(before.as_str()) && before.split(' ').next() == Some(kept.len().to_string().as_str()) {
+                tracing::info!(url, path = %local.display(), "input list unchanged since it was downloaded");
+                return Ok(local);
+            }
+        }
+        let mut r = client.get(url).send().await.map_err(|e| fail(&crate::error::chain(&e)))?;
+        if !r.status().is_success() {
+            return Err(fail(&format!("HTTP {}", r.status())));
+        }
+        let now = stamp(r.headers());
+        let mut f = tokio::fs::File::create(&part).await.map_err(|e| Error::io("cannot create", &part, e))?;
+        while let Some(chunk) = r.chunk().await.map_err(|e| fail(&crate::error::chain(&e)))? {
+            f.write_all(&chunk).await.map_err(|e| Error::io("cannot write", &part, e))?;
+        }
+        f.flush().await.map_err(|e| Error::io("cannot write", &part, e))?;
+        drop(f);
+        std::fs::rename(&part, &local).map_err(|e| Error::io("cannot move into place", &local, e))?;
+        match now {
+            Some(s) => std::fs::write(&stamp_file, s).map_err(|e| Error::io("cannot write", &stamp_file, e))?,
+            None => {
+                let _ = std::fs::remove_file(&stamp_file);
+            }
+        }
+        Ok(local)
+    })
+}
+
 /// A store and the prefix a URL names in it.
 #[derive(Clone)]
 pub struct Remote {

@@ -301,6 +301,46 @@ async fn csv_tsv_jsonl_and_parquet_inputs_give_the_same_shards() {
     assert_eq!(s.rows, 36);
 }
 
+/// An input list at an http(s) URL is downloaded (query string and all) and gives the shards the
+/// local file gives; a rerun keeps the download while the server reports it unchanged and fetches
+/// it again once it changed. Schemes recap cannot use are refused by name, not taken for local
+/// paths: an output or shard URL over http(s), or an unknown scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_list_is_read_over_http_and_other_schemes_are_refused() {
+    let w = world(12, 0, "404=2", ServeOptions::default()).await;
+    let out = w.tmp.path().join("local");
+    engine::run(&config::load(&pipeline(&w, &out, 5, "", ""), &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let list_url = format!("{}/world/urls.parquet?download=true", w.server.base_url());
+    let o = w.tmp.path().join("over-http");
+    let p = pipeline(&w, &o, 5, "", "");
+    let plan = config::load(&p, &[format!("input.path={list_url}")]).unwrap();
+    let s = engine::run(&plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(s.rows, 12);
+    let rows = |d: &std::path::Path| fingerprint(d).into_iter().map(|r| (r.1, r.2)).collect::<Vec<_>>();
+    assert_eq!(rows(&o), rows(&out));
+    // The staged copy: kept while unchanged, fetched again once the list changed.
+    let staged = recap::storage::stage_http_file(&list_url).unwrap();
+    assert_eq!(std::fs::read(&staged).unwrap(), std::fs::read(&w.urls).unwrap());
+    let modified = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let first = modified(&staged);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(modified(&recap::storage::stage_http_file(&list_url).unwrap()), first, "an unchanged list is not fetched again");
+    recap::synth::write_url_list(&w.dir, &w.server.base_url(), &[], 5).unwrap();
+    let again = recap::storage::stage_http_file(&list_url).unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&w.urls).unwrap());
+    assert_ne!(modified(&again), first, "a changed list is fetched again");
+    // A list the server does not have, and schemes recap does not read or write there.
+    let missing = format!("{}/world/nothing.parquet", w.server.base_url());
+    let e = config::load(&p, &[format!("input.path={missing}")]).err().unwrap().to_string();
+    assert!(e.contains("cannot download the input list") && e.contains("HTTP 404"), "{e}");
+    let e = config::load(&p, &["input.path=hdfs://namenode/lists/urls.parquet".into()]).err().unwrap().to_string();
+    assert!(e.contains("unsupported scheme \"hdfs\"") && e.contains("http(s):// (one file)"), "{e}");
+    let e = config::load(&p, &["output.path=https://example.org/shards".into()]).err().unwrap().to_string();
+    assert!(e.contains("output.path") && e.contains("an http(s) URL can be read as one input list, not listed or written"), "{e}");
+    let e = recap::sink::list_shards("https://example.org/shards").err().unwrap().to_string();
+    assert!(e.contains("not listed or written"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyarrow_and_duckdb_read_the_shards() {
     let python = std::env::var("RECAP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());

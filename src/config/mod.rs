@@ -180,6 +180,8 @@ pub fn plan(config: PipelineConfig, label: &str) -> Result<Plan> {
     stage_problems(&config, &mut problems);
     if config.output.path.trim().is_empty() {
         problems.push(Problem { path: "output.path".into(), message: "empty; expected a directory".into() });
+    } else if let Some(p) = crate::storage::unsupported_scheme(&config.output.path, false) {
+        problems.push(Problem { path: "output.path".into(), message: p });
     }
     if !problems.is_empty() {
         return Err(Error::Config { file: label.to_string(), problems: Problems(problems) });

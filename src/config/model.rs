@@ -86,7 +86,8 @@ pub struct InputConfig {
     /// A file (`.parquet`, `.csv`, `.tsv`, `.jsonl`, each optionally `.gz` except Parquet), a glob
     /// such as `lists/*.parquet`, or a directory whose files of those kinds are read in name order.
     /// Relative paths are relative to the current directory. Object store URLs (`s3://b/lists/`,
-    /// `s3://b/lists/*.parquet`, `gs://...`) are downloaded to a local staging directory first.
+    /// `s3://b/lists/*.parquet`, `gs://...`) are downloaded to a local staging directory first,
+    /// and so is one file at an `https://` URL.
     pub path: String,
     /// Format of the files; by default taken from each file's extension.
     #[serde(default)]

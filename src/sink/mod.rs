@@ -603,6 +603,9 @@ impl ShardFile<'_> {
 /// The shard files a `--shards` argument names: a directory's `*.parquet` (hidden temporaries
 /// skipped), a glob, or one file; sorted. None found is an error that says what was expected.
 pub fn list_shards(spec: &str) -> Result<Vec<PathBuf>> {
+    if let Some(p) = crate::storage::unsupported_scheme(spec, false) {
+        return Err(Error::Usage(p));
+    }
     if crate::storage::is_url(spec) {
         // Readers trust only committed shards: those with their marker, brought to a local cache.
         let dir = crate::storage::stage_committed_shards(spec)?;

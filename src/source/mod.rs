@@ -264,6 +264,16 @@ fn stage_remote_input(cfg: &InputConfig) -> crate::Result<String> {
 }
 
 fn resolve_files(cfg: &InputConfig) -> std::result::Result<Vec<InputFile>, Vec<Problem>> {
+    if let Some(p) = crate::storage::unsupported_scheme(&cfg.path, true) {
+        return Err(vec![problem("input.path", p)]);
+    }
+    if crate::storage::is_http(&cfg.path) {
+        // One file over HTTP (a `?` there is the query, not a glob).
+        let local = crate::storage::stage_http_file(&cfg.path).map_err(|e| vec![problem("input.path", e.to_string())])?;
+        let mut staged = cfg.clone();
+        staged.path = local.display().to_string();
+        return resolve_files(&staged);
+    }
     if crate::storage::is_url(&cfg.path) {
         let local = stage_remote_input(cfg).map_err(|e| vec![problem("input.path", e.to_string())])?;
         let mut staged = cfg.clone();

@@ -10,7 +10,9 @@
 //! `not_image` (an HTML page as image/jpeg), `redirect` (3 redirects, then the image),
 //! `redirect_loop`, `oversized` (a body of `oversized_bytes` with Content-Length),
 //! `oversized_chunked` (the same without a length), `bomb` (a valid PNG declaring
-//! `bomb_side`² pixels), `opt_out` (`X-Robots-Tag: noai`).
+//! `bomb_side`² pixels), `opt_out` (`X-Robots-Tag: noai`). `/world/<file>` serves a file at
+//! the world's top level (its `urls.parquet`, say) with an `ETag`, to GET or HEAD: an input list
+//! read over HTTP.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -198,6 +200,25 @@ async fn respond(sock: &mut TcpStream, st: &State, method: &str, path: &str) -> 
         }
     } else if let Some(file) = path.strip_prefix("/img/") {
         (None, file.to_string())
+    } else if let Some(file) = path.strip_prefix("/world/") {
+        if file.contains("..") || file.contains('/') {
+            return send(sock, 404, "Not Found", &[], b"not found").await;
+        }
+        let p = st.dir.join(file);
+        let (Ok(bytes), Ok(meta)) = (std::fs::read(&p), std::fs::metadata(&p)) else {
+            return send(sock, 404, "Not Found", &[], b"no such file").await;
+        };
+        let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+        let headers = [("Content-Type", "application/octet-stream".to_string()), ("ETag", format!("\"{}-{}\"", bytes.len(), modified.as_nanos()))];
+        if method == "HEAD" {
+            let mut head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", bytes.len());
+            for (k, v) in &headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            sock.write_all(format!("{head}\r\n").as_bytes()).await?;
+            return Ok(true);
+        }
+        return send(sock, 200, "OK", &headers, &bytes).await;
     } else if let Some(rest) = path.strip_prefix("/hop/") {
         // /hop/<n>/<file>: redirect chain steps.
         let (n, file) = rest.split_once('/').unwrap_or(("0", rest));
