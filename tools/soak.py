@@ -73,6 +73,16 @@ class LocalShards:
         return []
 
 
+def once_up(call, server):
+    """Make `call` (a bucket, a container) as soon as the server just started answers: 10 s."""
+    for _ in range(100):
+        try:
+            return call()
+        except Exception:  # noqa: BLE001 (not listening yet)
+            time.sleep(0.1)
+    raise SystemExit(f"{server} did not start")
+
+
 class S3Shards:
     """A bucket on a moto S3 server this soak starts: shards under s3://soak/shards, every Parquet
     file a multipart upload (threshold 1KB)."""
@@ -85,14 +95,7 @@ class S3Shards:
         endpoint = f"http://127.0.0.1:{port}"
         self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                                aws_access_key_id="soak", aws_secret_access_key="secret")
-        for _ in range(100):
-            try:
-                self.s3.create_bucket(Bucket="soak")
-                break
-            except Exception:  # noqa: BLE001 (not listening yet)
-                time.sleep(0.1)
-        else:
-            raise SystemExit("moto_server did not start")
+        once_up(lambda: self.s3.create_bucket(Bucket="soak"), "moto_server")
         self.url = "s3://soak/shards"
         self.yaml = f"""storage:
   multipart_threshold: 1KB
@@ -142,14 +145,7 @@ class AzureShards:
         endpoint = f"http://127.0.0.1:{port}/{self.ACCOUNT}"
         conn = f"DefaultEndpointsProtocol=http;AccountName={self.ACCOUNT};AccountKey={self.KEY};BlobEndpoint={endpoint};"
         self.c = BlobServiceClient.from_connection_string(conn).get_container_client("soak")
-        for _ in range(100):
-            try:
-                self.c.create_container()
-                break
-            except Exception:  # noqa: BLE001 (not listening yet)
-                time.sleep(0.1)
-        else:
-            raise SystemExit("Azurite did not start")
+        once_up(self.c.create_container, "Azurite")
         self.url = "az://soak/shards"
         self.yaml = f"""storage:
   multipart_threshold: 1KB
