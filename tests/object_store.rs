@@ -121,19 +121,8 @@ fn open_uploads(m: &Moto, bucket: &str) -> String {
 /// Row ids of every committed shard under `prefix`, read back through the store.
 fn committed_ids(remote: &Remote) -> (BTreeSet<u64>, Vec<u64>) {
     let r = remote.clone();
-    blocking(async move {
-        let done = r.completed().await.unwrap();
-        let mut ids = Vec::new();
-        for s in &done {
-            let bytes = r.get(&r.child(&format!("{s:05}.parquet"))).await.unwrap();
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
-            for b in reader {
-                let b = b.unwrap();
-                ids.extend(u64s(&b, "id"));
-            }
-        }
-        (done.into_iter().collect(), ids)
-    })
+    let done = blocking(async move { r.completed().await.unwrap() });
+    (done.into_iter().collect(), statuses(remote).into_iter().map(|(id, _)| id).collect())
 }
 
 fn write_pipeline(dir: &Path, input: &str, output: &str, rows_per_shard: u64, concurrency: u32, storage: &str) -> PathBuf {
@@ -143,6 +132,64 @@ fn write_pipeline(dir: &Path, input: &str, output: &str, rows_per_shard: u64, co
     let p = dir.join("pipeline.yaml");
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// `--retry-failed` on a bucket: the committed shards are fetched, their retryable rows tried
+/// again, and the shards rewritten in place (multipart, marker last): every row still once, the
+/// flaky ones now ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_failed_rewrites_shards_in_a_bucket() {
+    let w = world(40, 0, "flaky=6", ServeOptions::default()).await;
+    let (tmp, staging) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let m = tokio::task::spawn_blocking(|| {
+        let m = start_moto(None);
+        create_bucket(&m, "data");
+        m
+    })
+    .await
+    .unwrap();
+    let p = write_pipeline(tmp.path(), w.urls.to_str().unwrap(), "s3://data/retry", 20, 16, &storage_yaml(&m, "test", "1KB"));
+    let out = Remote::open("s3://data/retry", &storage(&m, "test")).unwrap();
+    let sp = staging.path().to_path_buf();
+    let (m, first, retry, before, after, uploads) = tokio::task::spawn_blocking(move || {
+        // No retries within a run: the flaky rows (503 on the first request) fail the first run.
+        let run = |extra: &[&str]| recap(&[&["run", p.to_str().unwrap(), "--no-progress", "--set", "download.retries=0"], extra].concat(), &sp);
+        let first = run(&[]);
+        let before = statuses(&out);
+        let retry = run(&["--retry-failed"]);
+        let after = statuses(&out);
+        let uploads = open_uploads(&m, "data");
+        (m, first, retry, before, after, uploads)
+    })
+    .await
+    .unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(before.iter().filter(|(_, s)| s != "ok").count(), 6, "{before:?}");
+    assert!(retry.status.success(), "{}", String::from_utf8_lossy(&retry.stderr));
+    let stdout = String::from_utf8_lossy(&retry.stdout);
+    assert!(stdout.contains("2 retried") && stdout.contains("retried rows: 6 re-attempted, 6 now ok"), "{stdout}");
+    assert_eq!(after.iter().map(|(id, _)| *id).collect::<Vec<_>>(), (0..40).collect::<Vec<u64>>(), "every row once");
+    assert!(after.iter().all(|(_, s)| s == "ok"), "{after:?}");
+    assert!(!uploads.contains("<Key>retry/"), "no upload left open: {uploads}");
+    drop((m, tmp, w));
+}
+
+/// (id, status) of every row in the committed shards under `remote`, by id.
+fn statuses(remote: &Remote) -> Vec<(u64, String)> {
+    let r = remote.clone();
+    let mut rows = blocking(async move {
+        let mut rows = Vec::new();
+        for s in r.completed().await.unwrap() {
+            let bytes = r.get(&r.child(&format!("{s:05}.parquet"))).await.unwrap();
+            for b in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+                let b = b.unwrap();
+                rows.extend(u64s(&b, "id").into_iter().zip(strings(&b, "status").into_iter().map(Option::unwrap)));
+            }
+        }
+        rows
+    });
+    rows.sort();
+    rows
 }
 
 /// The URL list read from the bucket, shards written to it with every Parquet file as a multipart
