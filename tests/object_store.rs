@@ -262,18 +262,33 @@ async fn a_run_reads_and_writes_s3_and_resumes() {
     std::fs::copy(&w.urls, &stray).unwrap();
     tokio::task::spawn_blocking(move || blocking(async move { o.upload_file(&stray, "00007.parquet").await.unwrap() })).await.unwrap();
     let (endpoint, sp) = (m.endpoint.clone(), staging_path.clone());
-    let q = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_recap"))
-            .args(["query", "--shards", "s3://data/run", "--format", "csv", "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(*) FILTER (WHERE status = 'ok') AS ok FROM shards"])
-            .env("RECAP_STAGING", &sp)
-            .envs([("AWS_ENDPOINT_URL", endpoint.as_str()), ("AWS_ALLOW_HTTP", "true"), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "secret")])
-            .output()
-            .unwrap()
+    let (report, wds) = (tmp_path.join("report.html"), tmp_path.join("wds"));
+    let (r, x) = (report.to_str().unwrap().to_string(), wds.to_str().unwrap().to_string());
+    let [q, report_out, export_out] = tokio::task::spawn_blocking(move || {
+        let reader = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_recap"))
+                .args(args)
+                .env("RECAP_STAGING", &sp)
+                .envs([("AWS_ENDPOINT_URL", endpoint.as_str()), ("AWS_ALLOW_HTTP", "true"), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "secret")])
+                .output()
+                .unwrap()
+        };
+        [
+            reader(&["query", "--shards", "s3://data/run", "--format", "csv", "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(*) FILTER (WHERE status = 'ok') AS ok FROM shards"]),
+            reader(&["report", "--shards", "s3://data/run", "--out", &r]),
+            reader(&["export", "webdataset", "--shards", "s3://data/run", "--out", &x]),
+        ]
     })
     .await
     .unwrap();
-    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    for o in [&q, &report_out, &export_out] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     assert_eq!(String::from_utf8_lossy(&q.stdout).trim(), "n,ids,ok\n60,60,60", "the three committed shards, not the stray file");
+    let said = String::from_utf8_lossy(&report_out.stdout);
+    assert!(said.contains("of 60 in 3 shard file(s)") && report.is_file(), "{said}");
+    let said = String::from_utf8_lossy(&export_out.stdout);
+    assert!(said.contains("exported 60 of 60 rows (ok)") && wds.join("manifest.json").is_file(), "{said}");
     drop(m);
 }
 
