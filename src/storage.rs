@@ -95,7 +95,8 @@ pub fn stage_http_file(url: &str) -> Result<PathBuf> {
     let dir = staging_dir(url, "input")?;
     let last = parsed.path_segments().and_then(|mut s| s.next_back()).filter(|n| !n.is_empty()).unwrap_or("input");
     let name: String = last.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    let (local, stamp_file, part) = (dir.join(&name), dir.join(format!(".{name}.source")), dir.join(format!(".{name}.part")));
+    let (local, stamp_file) = (dir.join(&name), dir.join(format!(".{name}.source")));
+    let part = part_path(&local);
     let fail = |e: &dyn std::fmt::Display| Error::Usage(format!("cannot download the input list {url}: {e}"));
     // The size and validator a response gives for the file, when it gives both.
     let stamp = |h: &HeaderMap| -> Option<String> {
@@ -124,15 +125,22 @@ pub fn stage_http_file(url: &str) -> Result<PathBuf> {
             return Err(fail(&format!("HTTP {}", r.status())));
         }
         let now = stamp(r.headers());
-        let mut f = tokio::fs::File::create(&part).await.map_err(|e| Error::io("cannot create", &part, e))?;
-        while let Some(chunk) = r.chunk().await.map_err(|e| fail(&crate::error::chain(&e)))? {
-            f.write_all(&chunk).await.map_err(|e| Error::io("cannot write", &part, e))?;
+        let written = async {
+            let mut f = tokio::fs::File::create(&part).await.map_err(|e| Error::io("cannot create", &part, e))?;
+            while let Some(chunk) = r.chunk().await.map_err(|e| fail(&crate::error::chain(&e)))? {
+                f.write_all(&chunk).await.map_err(|e| Error::io("cannot write", &part, e))?;
+            }
+            f.flush().await.map_err(|e| Error::io("cannot write", &part, e))?;
+            drop(f);
+            std::fs::rename(&part, &local).map_err(|e| Error::io("cannot move into place", &local, e))
         }
-        f.flush().await.map_err(|e| Error::io("cannot write", &part, e))?;
-        drop(f);
-        std::fs::rename(&part, &local).map_err(|e| Error::io("cannot move into place", &local, e))?;
+        .await;
+        if written.is_err() {
+            let _ = std::fs::remove_file(&part);
+        }
+        written?;
         match now {
-            Some(s) => std::fs::write(&stamp_file, s).map_err(|e| Error::io("cannot write", &stamp_file, e))?,
+            Some(s) => write_whole(&stamp_file, s.as_bytes())?,
             None => {
                 let _ = std::fs::remove_file(&stamp_file);
             }
@@ -348,7 +356,7 @@ impl Remote {
 
     pub async fn download(&self, name: &str, to: &Path) -> Result<()> {
         let bytes = self.get(&self.child(name)).await?;
-        std::fs::write(to, &bytes).map_err(|e| Error::io("cannot write", to, e))
+        write_whole(to, &bytes)
     }
 
     fn base(&self) -> String {
@@ -485,7 +493,8 @@ pub fn stage_committed_shards(url: &str) -> Result<PathBuf> {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 let stem = name.split('.').next().unwrap_or("").to_string();
-                if !committed.contains(&stem) {
+                // Hidden files are another process's downloads in progress.
+                if !name.starts_with('.') && !committed.contains(&stem) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -528,6 +537,27 @@ pub fn staging_dir(url: &str, kind: &str) -> Result<PathBuf> {
     let dir = base.join(format!("recap-{kind}-{hash}"));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     Ok(dir)
+}
+
+/// A temporary name beside `to` for writing it whole: hidden (readers of the directory skip
+/// dot-files), and unique to this process and call, as processes on one machine (workers, a
+/// Slurm array's tasks) share the staging directory.
+fn part_path(to: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = to.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    to.with_file_name(format!(".{name}.{}-{n}.part", std::process::id()))
+}
+
+/// Write `bytes` to `to` through a temporary file beside it and a rename, so that another process
+/// reading `to` sees the old file or the new one, whole, never one being written.
+pub fn write_whole(to: &Path, bytes: &[u8]) -> Result<()> {
+    let part = part_path(to);
+    std::fs::write(&part, bytes).map_err(|e| Error::io("cannot write", &part, e))?;
+    std::fs::rename(&part, to).map_err(|e| {
+        let _ = std::fs::remove_file(&part);
+        Error::io("cannot move into place", to, e)
+    })
 }
 
 /// S3's ListMultipartUploads, which object_store does not offer: a GET on the bucket signed by

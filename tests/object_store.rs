@@ -134,6 +134,73 @@ fn write_pipeline(dir: &Path, input: &str, output: &str, rows_per_shard: u64, co
     p
 }
 
+/// Workers on one machine share the staging directory (Slurm array tasks on a node, all with
+/// the default temporary directory): four `--worker I/4` started at once on an input list in a
+/// bucket each download it there, and none reads another's half-written copy. Three rounds; when
+/// downloads wrote the staged file in place, 26 of 40 such worker runs failed reading it
+/// (`Parquet file too small`, `Corrupt footer`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_staging_directory_read_whole_input_lists() {
+    use arrow::array::{RecordBatch, StringArray};
+    let tmp = tempfile::tempdir().unwrap();
+    // 100,000 rows (8.8 MB, uncompressed so the download takes a while), every URL refused at
+    // once (ftp), so the runs do little besides reading the list.
+    let list = tmp.path().join("urls.parquet");
+    let n = 100_000;
+    let urls: StringArray = (0..n).map(|i| Some(format!("ftp://x/{i}.jpg"))).collect();
+    let caps: StringArray = (0..n).map(|i| Some(format!("caption {i} ").repeat(6))).collect();
+    let ids: arrow::array::UInt64Array = (0..n as u64).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("url", std::sync::Arc::new(urls) as _),
+        ("caption", std::sync::Arc::new(caps) as _),
+        ("id", std::sync::Arc::new(ids) as _),
+    ])
+    .unwrap();
+    let props = parquet::file::properties::WriterProperties::builder().set_compression(parquet::basic::Compression::UNCOMPRESSED).build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&list).unwrap(), batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let tmp_path = tmp.path().to_path_buf();
+    let (m, runs) = tokio::task::spawn_blocking(move || {
+        let m = start_moto(None);
+        create_bucket(&m, "data");
+        let lists = Remote::open("s3://data/lists", &storage(&m, "test")).unwrap();
+        blocking(async move { lists.upload_file(&list, "urls.parquet").await.unwrap() });
+        let mut runs = Vec::new();
+        for round in 0..3 {
+            let staging = tmp_path.join(format!("staging-{round}"));
+            std::fs::create_dir_all(&staging).unwrap();
+            let out = format!("s3://data/out-{round}");
+            let p = write_pipeline(&tmp_path, "s3://data/lists/urls.parquet", &out, 10_000, 16, &storage_yaml(&m, "test", "16MB"));
+            let workers: Vec<_> = (0..4)
+                .map(|i| {
+                    Command::new(env!("CARGO_BIN_EXE_recap"))
+                        .args(["run", p.to_str().unwrap(), "--no-progress", "--worker", &format!("{i}/4")])
+                        .env("RECAP_STAGING", &staging)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            let outputs: Vec<_> = workers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+            let ok = outputs.iter().all(|o| o.status.success());
+            runs.extend(outputs);
+            if ok {
+                let out = Remote::open(&out, &storage(&m, "test")).unwrap();
+                let done = blocking(async move { out.completed().await.unwrap() });
+                assert_eq!(done.len(), 10, "round {round}: every shard committed");
+            }
+        }
+        (m, runs)
+    })
+    .await
+    .unwrap();
+    let failed: Vec<String> = runs.iter().filter(|o| !o.status.success()).map(|o| String::from_utf8_lossy(&o.stderr).to_string()).collect();
+    assert!(failed.is_empty(), "{} of {} worker runs failed: {failed:?}", failed.len(), runs.len());
+    drop(m);
+}
+
 /// `--retry-failed` on a bucket: the committed shards are fetched, their retryable rows tried
 /// again, and the shards rewritten in place (multipart, marker last): every row still once, the
 /// flaky ones now ok.

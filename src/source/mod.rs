@@ -239,7 +239,7 @@ fn stage_remote_input(cfg: &InputConfig) -> crate::Result<String> {
                 let local = dir2.join(&name);
                 if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(meta.size) {
                     let bytes = remote.get(&remote.prefix).await?;
-                    std::fs::write(&local, &bytes).map_err(|e| crate::Error::io("cannot write", &local, e))?;
+                    crate::storage::write_whole(&local, &bytes)?;
                 }
                 return Ok(local.display().to_string());
             }
