@@ -213,7 +213,19 @@ fn store_error(what: &str, url: &str, e: impl std::fmt::Display) -> Error {
     let text = tidy_error_body(&e.to_string());
     let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
     let refused = has(&["403 Forbidden", "401 Unauthorized"]);
+    // With no credentials configured, object_store asks the cloud's instance metadata service
+    // (EC2's, GCE's, Azure's managed identity): an error from there means none were given.
+    let none_given = has(&["169.254.169.254", "metadata.google.internal"]);
     let hint = match StoreKind::of(url) {
+        Some(StoreKind::Azure) if none_given => {
+            " (no credentials found: set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY, AZURE_STORAGE_TOKEN) or storage.options; without them the instance metadata service was asked, and gave none)"
+        }
+        Some(StoreKind::Gcs) if none_given => {
+            " (no credentials found: set GOOGLE_SERVICE_ACCOUNT or GOOGLE_APPLICATION_CREDENTIALS (a service account key file) or storage.options; without them the instance metadata service was asked, and gave none)"
+        }
+        Some(StoreKind::S3) if none_given => {
+            " (no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.options; without them the instance metadata service was asked, and gave none)"
+        }
         Some(StoreKind::Azure) => {
             if has(&["AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch"]) {
                 " (access denied: the identity's role does not allow this request; check its role assignment on the container)"
@@ -702,6 +714,19 @@ mod tests {
         let empty: ListMultipartUploadsResult =
             quick_xml::de::from_str("<ListMultipartUploadsResult><Bucket>data</Bucket><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>").unwrap();
         assert!(empty.upload.is_empty() && !empty.is_truncated);
+    }
+
+    #[test]
+    fn no_credentials_at_all_is_said_so() {
+        // What object_store says when no key is set and the instance metadata service refuses.
+        let imds = "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token in 313µs - Server returned non-2xx status code: 403 Forbidden: resolve_deny: denied destination";
+        let e = store_error("cannot list", "s3://b/lists/urls.parquet", imds).to_string();
+        assert!(e.contains("(no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") && !e.contains("were refused"), "{e}");
+        let gce = "Error performing token request: HTTP error: error sending request for url (http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token)";
+        let e = store_error("cannot list", "gs://b/x", gce).to_string();
+        assert!(e.contains("(no credentials found: set GOOGLE_SERVICE_ACCOUNT"), "{e}");
+        let e = store_error("cannot list", "az://c/x", imds).to_string();
+        assert!(e.contains("(no credentials found: set AZURE_STORAGE_ACCOUNT_NAME"), "{e}");
     }
 
     #[test]
