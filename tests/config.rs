@@ -97,6 +97,13 @@ output: {}
 }
 
 #[test]
+fn a_top_level_block_written_inside_another_is_named() {
+    let e = errors("input:\n  path: urls.parquet\n  storage:\n    options: {}\noutput:\n  path: o\n  engine: {}\n");
+    assert!(e.contains("input.storage: unknown key; expected one of:") && e.contains("(`storage` is a top-level block, not a key of `input`)"), "{e}");
+    assert!(e.contains("(`engine` is a top-level block, not a key of `output`)"), "{e}");
+}
+
+#[test]
 fn missing_sections_and_bad_yaml() {
     insta::assert_snapshot!("missing_sections", errors("download:\n  retries: 1\n"));
     insta::assert_snapshot!("not_yaml", errors("input: [unclosed\n"));

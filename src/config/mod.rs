@@ -263,10 +263,18 @@ fn schema_problems(schema: &Value, value: &Value) -> Vec<Problem> {
                 jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
                     let known = known_keys(schema, &eval);
                     let keys: Vec<String> = unexpected.iter().map(|k| join_path(&path, k)).collect();
+                    // A block written one level too deep (`storage:` under `input:`, say).
+                    let top = if path.is_empty() { Vec::new() } else { known_keys(schema, "") };
+                    let misplaced: Vec<&String> = unexpected.iter().filter(|k| top.contains(k)).collect();
+                    let hint = match misplaced.as_slice() {
+                        [] => String::new(),
+                        [k] => format!(" (`{k}` is a top-level block, not a key of `{path}`)"),
+                        ks => format!(" ({} are top-level blocks, not keys of `{path}`)", ks.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")),
+                    };
                     Problem {
                         path: keys.join(", "),
                         message: format!(
-                            "unknown key{}; expected one of: {}",
+                            "unknown key{}; expected one of: {}{hint}",
                             if unexpected.len() == 1 { "" } else { "s" },
                             known.join(", ")
                         ),
