@@ -149,6 +149,29 @@ pub fn stage_http_file(url: &str) -> Result<PathBuf> {
     })
 }
 
+/// One file named by a URL (an object store object, or an http(s) file) downloaded to a staging
+/// directory and kept while unchanged (same size, not older than the object); the local file.
+/// For readers of single files: evaluation sets, dense datasets.
+pub fn stage_file(url: &str) -> Result<PathBuf> {
+    if is_http(url) {
+        return stage_http_file(url);
+    }
+    let remote = Remote::open(url, &StorageConfig::default())?;
+    let dir = staging_dir(url, "file")?;
+    let local = dir.join(remote.prefix.filename().unwrap_or("file"));
+    blocking(async {
+        let meta = remote.store.head(&remote.prefix).await.map_err(|e| store_error("cannot read", url, e))?;
+        let kept = std::fs::metadata(&local).ok().is_some_and(|m| {
+            m.len() == meta.size && m.modified().is_ok_and(|t| t >= std::time::SystemTime::from(meta.last_modified))
+        });
+        if !kept {
+            let bytes = remote.get(&remote.prefix).await?;
+            write_whole(&local, &bytes)?;
+        }
+        Ok(local)
+    })
+}
+
 /// A store and the prefix a URL names in it.
 #[derive(Clone)]
 pub struct Remote {

@@ -616,6 +616,24 @@ fn training_reads_shards_from_s3() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().count() >= 1 && metrics.contains("\"step\":2"), "{metrics}");
+    // The student evaluated on an evaluation set in the bucket (a small world's eval.parquet).
+    let world = tmp.path().join("world");
+    let spec = recap::synth::WorldSpec { count: 12, seed: 3, min_size: (64, 48), max_size: (96, 72), ..Default::default() };
+    recap::synth::generate(&world, &spec).unwrap();
+    let evals = Remote::open("s3://data/eval", &storage(&m, "test")).unwrap();
+    let w = world.clone();
+    blocking(async move { evals.upload_file(&w.join("eval.parquet"), "eval.parquet").await.unwrap() });
+    let eval = Command::new(env!("CARGO_BIN_EXE_recap"))
+        .args(["eval", "--model", out.join("model").to_str().unwrap(), "--data", "s3://data/eval/eval.parquet", "--json"])
+        .env("RECAP_STAGING", tmp.path())
+        .envs([("AWS_ENDPOINT_URL", m.endpoint.as_str()), ("AWS_ALLOW_HTTP", "true"), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "secret")])
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let local = recap::train::eval::EvalSet::open(&world.join("eval.parquet")).unwrap();
+    assert_eq!(report["data"], "s3://data/eval/eval.parquet");
+    assert_eq!(report["images"], local.images.len(), "{report}");
 }
 
 /// Azurite's development account and key: published, the same in every Azurite (not a secret).

@@ -106,6 +106,16 @@ impl DenseSet {
     /// Read and check a dense dataset: every mask and depth map decodes, has its image's size,
     /// and every class index is a declared class (or the ignore index).
     pub fn open(path: &Path) -> Result<DenseSet> {
+        // A URL (s3://, gs://, az://, https://): the file is read from a local copy.
+        let named = path;
+        let staged;
+        let path = match path.to_str().filter(|s| crate::storage::is_url(s) || crate::storage::is_http(s)) {
+            Some(url) => {
+                staged = crate::storage::stage_file(url)?;
+                staged.as_path()
+            }
+            None => path,
+        };
         if path.is_dir() {
             return Err(bad(path, "is a directory; expected one dense dataset file, as `recap synth` writes it (WORLD/dense.parquet) or tools/dense_from_folders.py makes from folders"));
         }
@@ -181,7 +191,7 @@ impl DenseSet {
         if rows.is_empty() {
             return Err(bad(path, "has no rows"));
         }
-        Ok(DenseSet { path: path.to_path_buf(), spec, rows })
+        Ok(DenseSet { path: named.to_path_buf(), spec, rows })
     }
 }
 

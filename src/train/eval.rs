@@ -107,6 +107,16 @@ pub(crate) fn write_labelled(path: &Path, key: &str, spec: &impl Serialize, fiel
 
 impl EvalSet {
     pub fn open(path: &Path) -> Result<EvalSet> {
+        // A URL (s3://, gs://, az://, https://): the file is read from a local copy.
+        let named = path;
+        let staged;
+        let path = match path.to_str().filter(|s| crate::storage::is_url(s) || crate::storage::is_http(s)) {
+            Some(url) => {
+                staged = crate::storage::stage_file(url)?;
+                staged.as_path()
+            }
+            None => path,
+        };
         if path.is_dir() {
             return Err(bad(path, "is a directory; expected one evaluation set file, as `recap synth` writes it (WORLD/eval.parquet) or tools/eval_from_folders.py makes from folders"));
         }
@@ -129,7 +139,7 @@ impl EvalSet {
         }
         let reader = b.build().map_err(|e| bad(path, e.to_string()))?;
         let mut set = EvalSet {
-            path: path.to_path_buf(),
+            path: named.to_path_buf(),
             images: Vec::new(),
             labels: vec![Vec::new(); spec.tasks.len()],
             captions: spec.caption_column.as_ref().map(|_| Vec::new()),
