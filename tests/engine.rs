@@ -232,6 +232,41 @@ async fn a_run_killed_mid_way_resumes_to_the_same_rows() {
     assert_eq!(shards, 12, "{names:?}");
 }
 
+/// Two runs of the same shards on one output undo each other's work (one renames away the
+/// other's temporary files, or aborts its uploads): while worker 0/2 runs, a second worker 0/2 is
+/// refused and names the first; worker 1/2 runs beside it; once the first has ended, worker 0/2
+/// runs again and finds its shards done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_the_same_shards_is_refused_while_the_first_runs() {
+    let opts = ServeOptions { latency: Duration::from_millis(60), ..Default::default() };
+    let w = world(40, 0, "", opts).await;
+    let out = w.tmp.path().join("locked");
+    let p = pipeline(&w, &out, 5, "", "");
+    let null = std::process::Stdio::null;
+    let mut first = slow_run(&p).args(["--worker", "0/2"]).stdout(null()).stderr(null()).spawn().unwrap();
+    // The lock file names its holder once the first run holds it.
+    let lock = out.join(".recap-worker-0-of-2.lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&lock).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first run took no lock within 30s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let run = |worker: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_recap")).args(["run", p.to_str().unwrap(), "--no-progress", "--worker", worker]).output().unwrap()
+    };
+    let second = run("0/2");
+    let other = run("1/2");
+    let first_ran = first.wait().unwrap();
+    assert_eq!(second.status.code(), Some(2), "{}", String::from_utf8_lossy(&second.stderr));
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains(&format!("another recap run (pid {} on ", first.id())) && said.contains("is writing worker 0/2's shards to"), "{said}");
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    assert!(first_ran.success());
+    let again = run("0/2");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 written, 4 already complete (skipped)"), "{}", String::from_utf8_lossy(&again.stdout));
+    assert_eq!(done_shards(&out), 8);
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_run_says_how_to_resume_and_the_rerun_completes() {

@@ -206,8 +206,16 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
     let sql_filter = sql_filter(plan, stages.as_deref())?;
     let extra = stages.as_ref().map(|s| s.metadata()).unwrap_or_default();
     let worker = opts.worker;
-    let writer =
-        Arc::new(ShardWriter::new(&cfg.output, &plan.config_hash, &plan.config_json, schema::shard_schema().version, extra, move |s| worker.owns(s))?);
+    let run_name = format!("worker-{}-of-{}", worker.index, worker.count);
+    let writer = Arc::new(ShardWriter::new(
+        &cfg.output,
+        &plan.config_hash,
+        &plan.config_json,
+        schema::shard_schema().version,
+        extra,
+        &run_name,
+        move |s| worker.owns(s),
+    )?);
     let fetcher = Fetcher::new(&cfg.download).map_err(Error::Internal)?;
     let threads = match cfg.engine.cpu_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

@@ -416,37 +416,90 @@ pub struct ShardWriter {
     remote: Option<crate::storage::Remote>,
     /// Shards whose marker is in the object store (listed at start, added to as shards commit).
     remote_done: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The run lock, held while the writer lives (released by the OS if the process dies).
+    _lock: Option<std::fs::File>,
+}
+
+/// Lock `.recap-RUN.lock` in `dir` for this process, or say which run holds it. Where the file
+/// system cannot lock, a warning, and the run goes on unguarded.
+fn take_run_lock(dir: &Path, run: &str, location: &str) -> Result<Option<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(format!(".recap-{run}.lock"));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io("cannot create", &path, e))?;
+    match f.try_lock() {
+        Ok(()) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "this machine".into());
+            let holder = format!("pid {} on {host}, started {}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()));
+            // What a refused run shows; the lock, not the text, is what guards.
+            let _ = f.set_len(0).and_then(|_| f.rewind()).and_then(|_| f.write_all(holder.as_bytes()));
+            Ok(Some(f))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = if holder.trim().is_empty() { "another process".to_string() } else { holder.trim().to_string() };
+            let shards = match run.strip_prefix("worker-").and_then(|w| w.split_once("-of-")) {
+                Some((_, "1")) | None => "these shards".to_string(),
+                Some((i, n)) => format!("worker {i}/{n}'s shards"),
+            };
+            Err(Error::Usage(format!(
+                "another recap run ({holder}) is writing {shards} to {location}: wait for it to end or stop it, then run again (two runs of the same shards undo each other's work)"
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(path = %path.display(), "cannot lock ({e}); a second run on this output would not be stopped");
+            Ok(None)
+        }
+    }
 }
 
 impl ShardWriter {
     /// `owns` says which shards this process runs (`--worker I/N`): a killed run's open uploads
     /// are aborted only for those, never for a shard another worker may be uploading now.
+    /// `run` names them (`worker-0-of-4`) for the run lock: a second run of the same shards on
+    /// this output (from this machine, for an object store) is refused while the first runs.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &OutputConfig,
         config_hash: &str,
         config_json: &str,
         schema_version: u32,
         extra: Vec<(String, String)>,
+        run: &str,
         owns: impl Fn(u64) -> bool + Send + Sync,
     ) -> Result<Self> {
-        let (dir, remote, remote_done) = if crate::storage::is_url(&cfg.path) {
-            let remote = crate::storage::Remote::open(&cfg.path, &cfg.storage)?;
-            // A killed run may have left multipart uploads open: abort them before anything else.
-            let r = remote.clone();
-            let (aborted, done) = crate::storage::blocking(async move {
-                // Shard objects are named NNNNN.<ext>; anything else under the prefix is not ours.
-                let mine = |name: &str| name.split('.').next().and_then(|i| i.parse::<u64>().ok()).is_some_and(&owns);
-                let aborted = r.abort_interrupted(&mine).await?;
-                Ok::<_, Error>((aborted, r.completed().await?))
-            })?;
-            for a in aborted {
-                tracing::warn!(object = %a, "aborted a multipart upload an interrupted run left open");
-            }
-            (crate::storage::staging_dir(&cfg.path, "shards")?, Some(remote), done)
-        } else {
-            (PathBuf::from(&cfg.path), None, Default::default())
+        let remote = if crate::storage::is_url(&cfg.path) { Some(crate::storage::Remote::open(&cfg.path, &cfg.storage)?) } else { None };
+        let dir = match &remote {
+            Some(_) => crate::storage::staging_dir(&cfg.path, "shards")?,
+            None => PathBuf::from(&cfg.path),
         };
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create output directory", &dir, e))?;
+        // Before anything is aborted or written: another run of the same shards would undo this
+        // one's work (its uploads aborted, its temporary files renamed away).
+        let lock = take_run_lock(&dir, run, &cfg.path)?;
+        let remote_done = match &remote {
+            Some(remote) => {
+                // A killed run may have left multipart uploads open: abort them before anything else.
+                let r = remote.clone();
+                let (aborted, done) = crate::storage::blocking(async move {
+                    // Shard objects are named NNNNN.<ext>; anything else under the prefix is not ours.
+                    let mine = |name: &str| name.split('.').next().and_then(|i| i.parse::<u64>().ok()).is_some_and(&owns);
+                    let aborted = r.abort_interrupted(&mine).await?;
+                    Ok::<_, Error>((aborted, r.completed().await?))
+                })?;
+                for a in aborted {
+                    tracing::warn!(object = %a, "aborted a multipart upload an interrupted run left open");
+                }
+                done
+            }
+            None => Default::default(),
+        };
         let compression = match cfg.compression {
             Compression::Zstd => parquet::basic::Compression::ZSTD(
                 ZstdLevel::try_new(cfg.compression_level.map(|l| l as i32).unwrap_or(3)).map_err(|e| Error::data("zstd level", e))?,
@@ -469,7 +522,7 @@ impl ShardWriter {
             .chain(extra.into_iter().map(|(k, v)| KeyValue::new(k, v)))
             .collect(),
         );
-        Ok(ShardWriter { dir, props, remote, remote_done: std::sync::Mutex::new(remote_done) })
+        Ok(ShardWriter { dir, props, remote, remote_done: std::sync::Mutex::new(remote_done), _lock: lock })
     }
 
     /// Local paths of a shard (the staging copy when the output is an object store).
