@@ -376,6 +376,43 @@ async fn an_input_list_is_read_over_http_and_other_schemes_are_refused() {
     assert!(e.contains("not listed or written"), "{e}");
 }
 
+/// A rerun after rows were appended to the list writes again the completed shard they extend
+/// (it was skipped, and its new rows lost, before: 15 of 18 rows came out), and one whose rows
+/// were edited; shards whose rows did not change are skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_appended_or_edited_in_the_list_are_not_skipped_on_rerun() {
+    let w = world(18, 0, "", ServeOptions::default()).await;
+    let (b, _) = recap::sink::read_shard(&w.urls).unwrap();
+    let (urls, caps, ids) = (strings(&b, "url"), strings(&b, "caption"), u64s(&b, "id"));
+    let row = |i: usize, cap: &str| format!("{},\"{cap}\",{},\n", urls[i].as_deref().unwrap(), ids[i]);
+    let list = w.tmp.path().join("list.csv");
+    let write = |rows: &[String]| std::fs::write(&list, format!("url,caption,id,fault\n{}", rows.concat())).unwrap();
+    let mut rows: Vec<String> = (0..12).map(|i| row(i, caps[i].as_deref().unwrap())).collect();
+    write(&rows);
+    let out = w.tmp.path().join("grown");
+    let p = pipeline(&w, &out, 5, "", "");
+    let run = || async { engine::run(&config::load(&p, &[format!("input.path={}", list.display())]).unwrap(), &RunOptions::default()).await.unwrap() };
+    let first = run().await;
+    assert_eq!((first.rows, first.shards_written.len()), (12, 3));
+    // Six rows appended: shard 2 had 2 rows and now has 5; shard 3 is new.
+    rows.extend((12..18).map(|i| row(i, caps[i].as_deref().unwrap())));
+    write(&rows);
+    let second = run().await;
+    assert_eq!((second.shards_written.clone(), second.shards_skipped.clone()), (vec![2, 3], vec![0, 1]));
+    let full = w.tmp.path().join("full");
+    engine::run(&config::load(&pipeline(&w, &full, 5, "", ""), &[]).unwrap(), &RunOptions::default()).await.unwrap();
+    let rows_of = |d: &std::path::Path| fingerprint(d).into_iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>();
+    assert_eq!(rows_of(&out), rows_of(&full), "every row of the grown list, as a run on it from scratch gives");
+    // A caption edited in shard 1: that shard alone is written again, with the new caption.
+    rows[7] = row(7, "an edited caption");
+    write(&rows);
+    let third = run().await;
+    assert_eq!((third.shards_written.clone(), third.shards_skipped.len()), (vec![1], 3));
+    let captions: Vec<String> = read_all(&out).iter().flat_map(|(_, b)| strings(b, "caption")).flatten().collect();
+    assert!(captions.contains(&"an edited caption".to_string()), "{captions:?}");
+    assert_eq!(run().await.shards_skipped.len(), 4, "nothing changed since");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyarrow_and_duckdb_read_the_shards() {
     let python = std::env::var("RECAP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());

@@ -284,8 +284,15 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
                     Err(e) => Err(e),
                     Ok(s) if !worker.owns(s.index) => continue,
                     Ok(s) => {
-                        if reader_writer.is_complete(s.index) {
-                            if let Some(m) = reader_writer.marker(s.index) {
+                        let marker = if reader_writer.is_complete(s.index) { reader_writer.marker(s.index) } else { None };
+                        // A completed shard whose input rows changed since (rows appended to the
+                        // list, or edited) is written again: skipping it would lose those rows.
+                        let changed = marker.as_ref().and_then(|m| m.input_changed(s.rows.num_rows() as u64, &sink::input_fingerprint(&s.rows)));
+                        if let Some(why) = &changed {
+                            tracing::warn!(shard = s.index, "shard was completed but {why}: writing it again");
+                        }
+                        if reader_writer.is_complete(s.index) && changed.is_none() {
+                            if let Some(m) = &marker {
                                 if m.config_hash != config_hash {
                                     tracing::warn!(shard = s.index, old = %m.config_hash, new = %config_hash,
                                         "shard was completed with a different pipeline config; kept (delete it to redo)");
@@ -400,6 +407,7 @@ async fn run_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shard: 
         let t = Instant::now();
         let file = encode_shard(&writer, stages.as_deref(), sql.as_deref(), &input_fields, index, rps, &shard.rows, &mut outcomes, &mut reinforced)?;
         let mut stats = ShardStats::from_outcomes(index, &outcomes, &config_hash);
+        stats.input_sha256 = Some(sink::input_fingerprint(&shard.rows));
         drop((outcomes, reinforced));
         stats.seconds.caption = times.caption;
         stats.seconds.score = times.score;
@@ -432,6 +440,7 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
     let input_fields = plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>();
     let sql = ctx.sql_filter.clone();
     let rows = shard.rows;
+    let fingerprint = sink::input_fingerprint(&rows);
     let (slices, mut incoming) = mpsc::channel::<Vec<Outcome>>(2);
     let write = tokio::task::spawn_blocking(move || -> Result<ShardStats> {
         let mut file: Option<ShardFile<'_>> = None;
@@ -451,6 +460,7 @@ async fn stream_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, shar
             return Err(Error::Internal(format!("shard {index}: {} of its {n} rows reached the writer", tally.rows())));
         };
         let mut stats = tally.finish();
+        stats.input_sha256 = Some(fingerprint);
         stats.seconds.write = write_seconds;
         stats.seconds.wall = start.elapsed().as_secs_f64();
         commit_shard(file, &mut stats)?;
@@ -668,6 +678,8 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
         outcomes[i] = o;
     }
     let input_rows = sink::input_rows_from_batch(&batch, &plan.input.schema)?;
+    // Its input did not change (else the shard is written afresh, not retried).
+    let fingerprint = old_stats.input_sha256.clone().unwrap_or_else(|| sink::input_fingerprint(&input_rows));
     let input_fields = plan.input.schema.fields()[2..].iter().map(|f| f.as_ref().clone()).collect::<Vec<_>>();
     let rps = plan.input.rows_per_shard;
     let attempted = redo.len() as u64;
@@ -692,6 +704,7 @@ async fn retry_shard(ctx: Arc<Ctx>, writer: Arc<ShardWriter>, plan: &Plan, index
         stats.seconds.wall += start.elapsed().as_secs_f64();
         stats.retried.attempted = old_stats.retried.attempted + attempted;
         stats.retried.recovered = old_stats.retried.recovered + recovered;
+        stats.input_sha256 = Some(fingerprint);
         commit_shard(file, &mut stats)?;
         Ok(stats)
     })

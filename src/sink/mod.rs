@@ -68,6 +68,47 @@ impl ShardPaths {
 pub struct DoneMarker {
     pub rows: u64,
     pub config_hash: String,
+    /// [`input_fingerprint`] of the input shard it was written from (absent in older markers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_sha256: Option<String>,
+}
+
+impl DoneMarker {
+    /// How the input shard (`rows` rows, `fingerprint`) differs from the one this shard was
+    /// written from, if it does: rows appended to a list, or rows edited.
+    pub fn input_changed(&self, rows: u64, fingerprint: &str) -> Option<String> {
+        if self.rows != rows {
+            Some(format!("it was written from {} input rows and the input now has {rows} there", self.rows))
+        } else if self.input_sha256.as_deref().is_some_and(|f| f != fingerprint) {
+            Some(format!("its {rows} input rows have other URLs or captions now"))
+        } else {
+            None
+        }
+    }
+}
+
+/// A fingerprint of an input shard: the first 16 hex digits of SHA-256 over each row's URL and
+/// caption (the first two columns of a source batch), so a rerun can tell when the rows behind a
+/// completed shard changed. Other passthrough columns are left out: adding one to a pipeline
+/// does not make every shard stale.
+pub fn input_fingerprint(rows: &RecordBatch) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for col in rows.columns().iter().take(2) {
+        let strings = arrow::compute::cast(col, &DataType::Utf8).ok();
+        let strings = strings.as_ref().and_then(|a| a.as_any().downcast_ref::<StringArray>());
+        for i in 0..rows.num_rows() {
+            match strings.filter(|s| s.is_valid(i)) {
+                Some(s) => {
+                    h.update([1u8]);
+                    h.update((s.value(i).len() as u64).to_le_bytes());
+                    h.update(s.value(i).as_bytes());
+                }
+                None => h.update([0u8]),
+            }
+        }
+    }
+    hex::encode(&h.finalize()[..8])
 }
 
 pub fn read_marker(paths: &ShardPaths) -> Option<DoneMarker> {
@@ -90,6 +131,9 @@ pub struct ShardStats {
     /// Seconds summed over rows per stage, plus the shard's wall time and Parquet write time.
     pub seconds: SecondsStats,
     pub config_hash: String,
+    /// [`input_fingerprint`] of the input shard, copied into the completion marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_sha256: Option<String>,
     /// Runs of `--retry-failed` on this shard: rows re-attempted and rows that came back ok.
     #[serde(default)]
     pub retried: RetryStats,
@@ -630,7 +674,7 @@ impl ShardFile<'_> {
         std::fs::rename(&tmp, &paths.parquet).map_err(|e| Error::io("cannot rename into place", &paths.parquet, e))?;
         stats.bytes_written = bytes;
         write_atomic(&paths.stats, &serde_json::to_vec_pretty(stats).expect("stats serialise"))?;
-        let marker = DoneMarker { rows, config_hash: stats.config_hash.clone() };
+        let marker = DoneMarker { rows, config_hash: stats.config_hash.clone(), input_sha256: stats.input_sha256.clone() };
         write_atomic(&paths.done, &serde_json::to_vec(&marker).expect("marker serialises"))?;
         if let Some(r) = &owner.remote {
             // No rename in an object store: the marker, uploaded last, is the commit point. A
