@@ -411,6 +411,19 @@ async fn rows_appended_or_edited_in_the_list_are_not_skipped_on_rerun() {
     let captions: Vec<String> = read_all(&out).iter().flat_map(|(_, b)| strings(b, "caption")).flatten().collect();
     assert!(captions.contains(&"an edited caption".to_string()), "{captions:?}");
     assert_eq!(run().await.shards_skipped.len(), 4, "nothing changed since");
+    // The list cut to 8 rows: shard 1 is written again with its 3 rows, and shards 2 and 3, now
+    // past the input's end, are named (their rows are no longer in the input), not deleted.
+    write(&rows[..8]);
+    let cut = std::process::Command::new(env!("CARGO_BIN_EXE_recap"))
+        .args(["run", p.to_str().unwrap(), "--no-progress", "--set", &format!("input.path={}", list.display())])
+        .env("RECAP_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
+    let said = String::from_utf8_lossy(&cut.stderr);
+    assert!(said.contains("holds 2 committed shard(s) past the input's 2 (00002 to 00003)"), "{said}");
+    assert!(said.contains("it was written from 5 input rows and the input now has 3 there: writing it again"), "{said}");
+    assert_eq!(done_shards(&out), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

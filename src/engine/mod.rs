@@ -233,6 +233,16 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunSummary> {
         .map_err(|e| Error::Internal(e.to_string()))??;
     let rps = plan.input.rows_per_shard;
     let shards_total = total_rows.div_ceil(rps);
+    // Shards past the input's end come from an earlier, longer input: their rows are not in this
+    // one, and readers of the output still see them. Said, not deleted.
+    let beyond: Vec<u64> = writer.completed_from(shards_total).into_iter().filter(|&s| worker.owns(s)).collect();
+    if let (Some(first), Some(last)) = (beyond.first(), beyond.last()) {
+        tracing::warn!(
+            "{} holds {} committed shard(s) past the input's {shards_total} ({first:05} to {last:05}), written from a longer input; their rows are not in this input, and queries of the output still read them: delete them if the input was cut on purpose",
+            writer.location(),
+            beyond.len()
+        );
+    }
 
     let progress = if opts.progress && std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())

@@ -582,6 +582,22 @@ impl ShardWriter {
         }
     }
 
+    /// Committed shards with an index at or past `n` (an output written from a longer input).
+    pub fn completed_from(&self, n: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = match &self.remote {
+            Some(_) => self.remote_done.lock().expect("remote set").iter().copied().filter(|&s| s >= n).collect(),
+            None => std::fs::read_dir(&self.dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".done")?.parse::<u64>().ok())
+                        .filter(|&s| s >= n && self.paths(s).is_complete())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        v.sort_unstable();
+        v
+    }
+
     /// The completion marker of a committed shard.
     pub fn marker(&self, shard: u64) -> Option<DoneMarker> {
         match &self.remote {
