@@ -172,6 +172,15 @@ pub fn stage_file(url: &str) -> Result<PathBuf> {
     })
 }
 
+/// `path` itself, or for a URL (`s3://`, `gs://`, `az://`, `https://`) a local copy of the file
+/// it names ([`stage_file`]).
+pub fn local_file(path: &Path) -> Result<std::borrow::Cow<'_, Path>> {
+    match path.to_str().filter(|s| is_url(s) || is_http(s)) {
+        Some(url) => Ok(std::borrow::Cow::Owned(stage_file(url)?)),
+        None => Ok(std::borrow::Cow::Borrowed(path)),
+    }
+}
+
 /// A store and the prefix a URL names in it.
 #[derive(Clone)]
 pub struct Remote {

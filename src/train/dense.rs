@@ -108,14 +108,8 @@ impl DenseSet {
     pub fn open(path: &Path) -> Result<DenseSet> {
         // A URL (s3://, gs://, az://, https://): the file is read from a local copy.
         let named = path;
-        let staged;
-        let path = match path.to_str().filter(|s| crate::storage::is_url(s) || crate::storage::is_http(s)) {
-            Some(url) => {
-                staged = crate::storage::stage_file(url)?;
-                staged.as_path()
-            }
-            None => path,
-        };
+        let local = crate::storage::local_file(path)?;
+        let path = local.as_ref();
         if path.is_dir() {
             return Err(bad(path, "is a directory; expected one dense dataset file, as `recap synth` writes it (WORLD/dense.parquet) or tools/dense_from_folders.py makes from folders"));
         }

@@ -109,14 +109,8 @@ impl EvalSet {
     pub fn open(path: &Path) -> Result<EvalSet> {
         // A URL (s3://, gs://, az://, https://): the file is read from a local copy.
         let named = path;
-        let staged;
-        let path = match path.to_str().filter(|s| crate::storage::is_url(s) || crate::storage::is_http(s)) {
-            Some(url) => {
-                staged = crate::storage::stage_file(url)?;
-                staged.as_path()
-            }
-            None => path,
-        };
+        let local = crate::storage::local_file(path)?;
+        let path = local.as_ref();
         if path.is_dir() {
             return Err(bad(path, "is a directory; expected one evaluation set file, as `recap synth` writes it (WORLD/eval.parquet) or tools/eval_from_folders.py makes from folders"));
         }
